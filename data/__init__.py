@@ -1,0 +1,32 @@
+"""Calibration data registry: `DATASETS` gives the CLI its `--calib_set` choices."""
+
+from __future__ import annotations
+
+from .calib import DataFileError, FileCalibSet, block_size_for, make_loader, read_texts, sample_blocks
+
+DATASETS = {
+    "c4": FileCalibSet(
+        name="c4",
+        default_paths=("data/c4-train.00000-of-01024.json", "data/c4-train.00000-of-01024.json.gz"),
+        how_to_get="download en/c4-train.00000-of-01024.json.gz from https://huggingface.co/datasets/allenai/c4 "
+                   "into data/ (gzipped is fine), or pass --calib_path FILE (JSON lines with a 'text' field)",
+    ),
+    "math": FileCalibSet(
+        name="math",
+        default_paths=("data/math_pretrain_style.json",),
+        how_to_get="build it from the MATH train split with `python data/math_calib_construction.py "
+                   "--dataset_path DIR` (MATH: https://github.com/hendrycks/math), or pass --calib_path FILE "
+                   "(a JSON array of {\"text\": ...})",
+    ),
+}
+
+
+def build_calib_loader(dataset: str, tokenizer, max_block_size: int, n_blocks_for_stat: int, batch_size: int,
+                       num_workers: int, seed: int = 42, path: str | None = None, model=None):
+    """DataLoader of calibration blocks, as the original `build_calib_loader` (plus a file path)."""
+    block_size = block_size_for(tokenizer, max_block_size)
+    blocks = DATASETS[dataset].blocks(tokenizer, block_size, n_blocks_for_stat, seed, path=path, model=model)
+    return make_loader(blocks, batch_size, num_workers)
+
+
+__all__ = ["DATASETS", "DataFileError", "build_calib_loader", "read_texts", "sample_blocks", "make_loader"]

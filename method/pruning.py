@@ -1,0 +1,84 @@
+"""Layer-wise and progressive expert pruning (paper Sec. 3.1).
+
+Both walk the decoder one layer at a time through `LayerRunner`. For each MoE layer the
+scorer sees the layer's MoE input and the original model's MoE output for every
+calibration batch, then the best kept set is applied in place.
+
+- layerwise:   MoE inputs come from the original model (every layer judged on the
+               activations of the unpruned model).
+- progressive: MoE inputs come from the model pruned so far, targets stay the original
+               model's outputs, so later layers compensate for earlier decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from model.adapters import find_moe_blocks
+from model.runner import LayerRunner, capture_io
+
+from .search import ExhaustiveScorer
+
+logger = logging.getLogger(__name__)
+
+
+def layerwise_pruning(model, calib_loader, args):
+    return _prune(model, calib_loader, args, progressive=False)
+
+
+def progressive_pruning(model, calib_loader, args):
+    return _prune(model, calib_loader, args, progressive=True)
+
+
+def check_r(model, r: int) -> dict:
+    """Raise a clear error unless every MoE block can keep r experts; return the blocks."""
+    blocks = find_moe_blocks(model)
+    for adapter, block in blocks.values():
+        adapter.check_r(block, r)
+    return blocks
+
+
+@torch.no_grad()
+def _prune(model, calib_loader, args, progressive: bool):
+    if args.r is None:
+        raise ValueError("pruning methods need --r, the number of experts to keep per MoE layer")
+    blocks = check_r(model, args.r)
+    runner = LayerRunner(model, args.device)
+    original = runner.capture(calib_loader)  # inputs of layer 0, original model
+    # Progressive: the pruned model's states. They are the original states (same list)
+    # until the first MoE layer has been pruned.
+    pruned = original
+    layers_info: dict[str, dict] = {}
+    for idx, layer in runner.iter_layers(desc=f"{'progressive' if progressive else 'layerwise'} pruning"):
+        diverged = progressive and pruned is not original
+        if idx not in blocks:
+            original = [runner.forward(layer, b) for b in original]
+            pruned = [runner.forward(layer, b) for b in pruned] if diverged else original
+            continue
+        adapter, block = blocks[idx]
+        scorer = ExhaustiveScorer(adapter, block, args.r)
+        inputs = original
+        original = []
+        for b in range(len(inputs)):
+            with capture_io(block) as io:
+                original.append(runner.forward(layer, inputs[b]))
+            x, target = io["inputs"][0], io["outputs"][0]
+            if diverged:  # MoE input of the pruned model; the target stays the original output
+                with capture_io(block) as io:
+                    runner.forward(layer, pruned[b])
+                x = io["inputs"][0]
+            scorer.add_batch(x, target)
+        info = scorer.result()
+        adapter.prune(block, info["kept_experts"])
+        logger.info("layer %d: drop %s (loss %.6g, %d candidates)", idx, info["dropped_experts"],
+                    info["best_loss"], info["n_candidates"])
+        layers_info[str(idx)] = info
+        if progressive:  # states of the pruned model through the just-pruned layer
+            pruned = [runner.forward(layer, b) for b in (pruned if diverged else inputs)]
+        else:
+            pruned = original
+        del inputs
+    next(iter(blocks.values()))[0].prune_config(model.config, args.r)
+    return model, {"layers": layers_info}

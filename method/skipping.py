@@ -1,0 +1,64 @@
+"""Dynamic skipping calibration (paper Sec. 3.2).
+
+At inference a token skips its 2nd routed expert when w2 < beta * w1. Per MoE layer,
+beta is the median of w2 / w1 over all calibration tokens (the mean is recorded too).
+The betas are stored in the model config under `betas` ({"<layer>": median}), the key
+the original code used, so its checkpoints and ours are read the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from model.adapters import UnsupportedRoutingError, find_moe_blocks
+from model.runner import LayerRunner, capture_io
+
+logger = logging.getLogger(__name__)
+
+
+def check_skippable(model) -> dict:
+    blocks = find_moe_blocks(model)
+    for idx, (adapter, block) in blocks.items():
+        k = adapter.top_k(block)
+        if k != 2:
+            raise UnsupportedRoutingError(
+                f"dynamic skipping is defined for top-2 routing (paper Sec. 3.2); layer {idx} routes to top-{k}"
+            )
+    return blocks
+
+
+def weight_ratios(weights: torch.Tensor) -> torch.Tensor:
+    """(tokens, 2) routing weights -> (tokens,) w2 / w1 with w1 >= w2."""
+    w = weights.float().sort(dim=-1, descending=True).values
+    return w[..., 1] / w[..., 0]
+
+
+@torch.no_grad()
+def dynamic_skipping(model, calib_loader, args):
+    blocks = check_skippable(model)
+    runner = LayerRunner(model, args.device)
+    states = runner.capture(calib_loader)
+    layers_info: dict[str, dict] = {}
+    for idx, layer in runner.iter_layers(desc="dynamic skipping calibration"):
+        if idx not in blocks:
+            states = [runner.forward(layer, b) for b in states]
+            continue
+        adapter, block = blocks[idx]
+        ratios = []
+        new_states = []
+        for b in states:
+            with capture_io(adapter.router(block)) as io:
+                new_states.append(runner.forward(layer, b))
+            weights, _ = adapter.route(block, io["outputs"][0])  # the router's own rule on its logits
+            ratios.append(weight_ratios(weights).cpu().numpy())
+        states = new_states
+        r = np.concatenate(ratios).astype(np.float64)
+        layers_info[str(idx)] = {"beta_median": float(np.median(r)), "beta_mean": float(np.mean(r)),
+                                 "n_tokens": int(r.size)}
+        logger.info("layer %d: median w2/w1 %.4f, mean %.4f", idx, layers_info[str(idx)]["beta_median"],
+                    layers_info[str(idx)]["beta_mean"])
+    model.config.betas = {k: v["beta_median"] for k, v in layers_info.items()}
+    return model, {"layers": layers_info}

@@ -1,0 +1,258 @@
+"""Adapters: one small class per MoE family that reads a transformers 5.x sparse MoE block.
+
+Everything the pruning and skipping code needs from a block goes through an adapter:
+the router and experts modules, the expert count and top-k, the router's logits, the
+routing rule as a pure function of those logits (so that a candidate set of kept
+experts can be scored without running the block), one expert's output on given
+tokens, the always-on shared part of the block, and in-place removal of experts.
+
+We never copy or patch library code: an expert's output is computed by calling the
+library's own experts module with a routing weight of exactly 1, so every family's
+expert math (gated or not, biases, clamped activations) stays the library's.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class MoEError(ValueError):
+    """A model or setting this tool cannot work with; reported to the user as one line."""
+
+
+class UnsupportedModelError(MoEError):
+    """The model has no MoE block that any adapter recognises."""
+
+
+class InvalidExpertCountError(MoEError):
+    """The asked number of kept experts is not valid for this block."""
+
+
+class UnsupportedRoutingError(MoEError):
+    """The block's routing does not allow the asked operation."""
+
+
+@dataclass(frozen=True)
+class MoEAdapter:
+    """Base adapter for blocks laid out as `block.<router_attr>` + `block.<experts_attr>`.
+
+    Subclasses set the class names and override `_route` (the routing rule) and, where
+    the family has them, `shared_output` and the per-expert parameter lists.
+    """
+
+    family: str
+    module: str  # transformers module that defines the classes
+    block_class: str
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    # Config keys holding the routed-expert count; all are set to r after pruning.
+    count_config_keys: tuple[str, ...] = ("num_local_experts",)
+    # Parameters/buffers whose first dimension indexes experts.
+    router_per_expert: tuple[str, ...] = ("weight",)
+    experts_per_expert: tuple[str, ...] = ("gate_up_proj", "down_proj")
+
+    # ---- discovery -------------------------------------------------------------------
+    def block_type(self) -> type | None:
+        try:
+            mod = importlib.import_module(self.module)
+        except ImportError:
+            return None
+        return getattr(mod, self.block_class, None)
+
+    def matches(self, module: nn.Module) -> bool:
+        cls = self.block_type()
+        return cls is not None and type(module) is cls
+
+    # ---- structure -------------------------------------------------------------------
+    def router(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_attr)
+
+    def experts(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.experts_attr)
+
+    def num_experts(self, block: nn.Module) -> int:
+        return int(self.experts(block).num_experts)
+
+    def top_k(self, block: nn.Module) -> int:
+        return int(self.router(block).top_k)
+
+    def valid_r(self, block: nn.Module) -> list[int]:
+        """Numbers of kept experts this block can be pruned to."""
+        return list(range(self.top_k(block), self.num_experts(block) + 1))
+
+    def check_r(self, block: nn.Module, r: int) -> None:
+        valid = self.valid_r(block)
+        if r not in valid:
+            e, k = self.num_experts(block), self.top_k(block)
+            raise InvalidExpertCountError(
+                f"--r {r} is not valid for {self.family} blocks with {e} experts and top-{k} routing; "
+                f"valid values: {_ranges(valid)}"
+            )
+
+    # ---- routing -----------------------------------------------------------------------
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The library router's logits for tokens x (tokens, hidden) -> (tokens, n_experts)."""
+        return self.router(block)(x)[0]
+
+    def route(
+        self, block: nn.Module, logits: torch.Tensor, kept: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights and expert indices, exactly as the (pruned) block computes them.
+
+        logits: (..., tokens, n_experts) router logits of the unpruned block.
+        kept:   None (all experts), (r,) or (candidates, r) sorted original indices of
+                kept experts. Dropped experts leave the router (paper Sec. 3.1): the
+                rule runs on the kept experts' logits only, which is what the pruned
+                block computes.
+        Returns weights (..., tokens, top_k) float and indices (..., tokens, top_k) in
+        original expert numbering.
+        """
+        if kept is None:
+            return self._route(block, logits, None)
+        if kept.dim() == 1:
+            sub = logits.index_select(-1, kept)
+            w, i = self._route(block, sub, kept)
+            return w, kept[i]
+        # (candidates, r): broadcast logits (tokens, E) -> (candidates, tokens, r)
+        c, r = kept.shape
+        t = logits.shape[-2]
+        idx = kept[:, None, :].expand(c, t, r)
+        sub = torch.gather(logits.unsqueeze(0).expand(c, t, logits.shape[-1]), -1, idx)
+        w, i = self._route(block, sub, kept)
+        return w, torch.gather(idx, -1, i)
+
+    def _route(
+        self, block: nn.Module, logits: torch.Tensor, kept: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # ---- expert compute ------------------------------------------------------------
+    def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        """Unweighted output of expert expert_idx[n] on token x[n]: (n, hidden) -> (n, hidden).
+
+        Calls the library's experts module with top-1 routing and weight exactly 1, so
+        the result is the library's own expert computation in the model dtype.
+        """
+        ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+        return self.experts(block)(x, expert_idx.view(-1, 1), ones)
+
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Output of the block's always-on part (shared experts) on x (tokens, hidden), or None."""
+        return None
+
+    # ---- pruning ---------------------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, block: nn.Module, kept: list[int]) -> None:
+        """Keep only experts `kept` (original indices, sorted) in place."""
+        n = self.num_experts(block)
+        if sorted(set(kept)) != list(kept) or not kept or kept[-1] >= n or kept[0] < 0:
+            raise ValueError(f"kept experts must be sorted unique indices in [0, {n}), got {kept}")
+        index = torch.tensor(kept, dtype=torch.long)
+        for module, names in ((self.router(block), self.router_per_expert), (self.experts(block), self.experts_per_expert)):
+            for name in names:
+                _slice_first_dim(module, name, index, n)
+        self._set_counts(block, len(kept))
+
+    def _set_counts(self, block: nn.Module, r: int) -> None:
+        for module in (self.router(block), self.experts(block), block):
+            for attr in ("num_experts", "num_local_experts"):
+                if isinstance(getattr(module, attr, None), int):
+                    setattr(module, attr, r)
+
+    def prune_config(self, config, r: int) -> None:
+        for key in self.count_config_keys:
+            if hasattr(config, key):
+                setattr(config, key, r)
+
+
+def _slice_first_dim(module: nn.Module, name: str, index: torch.Tensor, n: int) -> None:
+    t = getattr(module, name)
+    if t is None:
+        return
+    if t.shape[0] != n:
+        raise RuntimeError(f"{type(module).__name__}.{name} has shape {tuple(t.shape)}; expected {n} experts first")
+    new = t.data.index_select(0, index.to(t.device)).contiguous()
+    if isinstance(t, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:  # a registered buffer: keep it registered (and its persistence)
+        module._buffers[name] = new
+
+
+def _ranges(values: list[int]) -> str:
+    if not values:
+        return "none"
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}" if len(values) > 1 else str(values[0])
+    return ", ".join(map(str, values))
+
+
+# ---- routing rules: pure functions of logits along the last dimension ---------------------
+
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax over experts (float32), top-k, optional renormalisation over the k chosen.
+
+    This is Mixtral's router (and Qwen-MoE's / OLMoE's with norm_topk_prob). (..., E) -> (..., k).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    w, i = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, i
+
+
+class MixtralAdapter(MoEAdapter):
+    def _route(self, block, logits, kept):
+        return softmax_topk(logits, self.top_k(block), renormalize=True)
+
+
+MIXTRAL = MixtralAdapter(
+    family="mixtral",
+    module="transformers.models.mixtral.modeling_mixtral",
+    block_class="MixtralSparseMoeBlock",
+)
+
+# Registry: family name -> adapter. A new family is one more entry.
+ADAPTERS: dict[str, MoEAdapter] = {a.family: a for a in (MIXTRAL,)}
+
+
+def supported_families() -> str:
+    return ", ".join(sorted(ADAPTERS))
+
+
+def adapter_for(module: nn.Module) -> MoEAdapter | None:
+    for adapter in ADAPTERS.values():
+        if adapter.matches(module):
+            return adapter
+    return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a causal LM (model.model.layers for every family we support)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no decoder layer list; supported MoE families: {supported_families()}"
+        )
+    return layers
+
+
+def find_moe_blocks(model: nn.Module) -> dict[int, tuple[MoEAdapter, nn.Module]]:
+    """{decoder-layer index: (adapter, block)} for every layer that holds a supported MoE block."""
+    found: dict[int, tuple[MoEAdapter, nn.Module]] = {}
+    for idx, layer in enumerate(decoder_layers(model)):
+        for module in layer.modules():
+            adapter = adapter_for(module)
+            if adapter is not None:
+                found[idx] = (adapter, module)
+                break
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', '?')!r}) has no MoE layer this tool "
+            f"can read; supported MoE families: {supported_families()}"
+        )
+    return found

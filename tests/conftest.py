@@ -1,0 +1,87 @@
+"""Shared fixtures: paths to ../shared/data, a small tokenizer, tiny random MoE models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
+C4 = "calib/c4-train.00000-of-01024.first1000.json"
+
+
+def shared_path(rel: str) -> Path:
+    """Path of a file in ../shared/data; skip without it, but fail when CI is set."""
+    p = SHARED_DATA / rel
+    if not p.exists():
+        msg = f"{p} is not present (tests that read ../shared/data need it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " and CI is set")
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture(scope="session")
+def c4_path() -> Path:
+    return shared_path(C4)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, c4_path) -> Path:
+    """A 512-token byte-level BPE tokenizer trained on the C4 sample (adds <s> like Mixtral's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data import read_texts
+
+    texts = read_texts(c4_path)[:300]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>", model_max_length=4096)
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def tiny_mixtral_config(vocab_size: int = 512, n_experts: int = 8, top_k: int = 2, layers: int = 2, **kw):
+    from transformers import MixtralConfig
+
+    base = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, num_local_experts=n_experts,
+                num_experts_per_tok=top_k, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=2)
+    base.update(kw)
+    return MixtralConfig(**base)
+
+
+def save_model(config, path: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init uses std 0.02: make routing less uniform so experts differ clearly.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate.weight" in name or "router" in name:
+                p.mul_(25.0)
+    model.save_pretrained(path)
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_mixtral(tmp_path, tokenizer_dir) -> Path:
+    return save_model(tiny_mixtral_config(), tmp_path / "tiny-mixtral", tokenizer_dir)

@@ -1,0 +1,114 @@
+"""Layer-wise and progressive pruning against brute force, on tiny random Mixtral models and real C4 text."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data import make_loader, read_texts, sample_blocks
+from main import RunConfig
+from method import METHODS
+from model.adapters import find_moe_blocks
+from model.runner import LayerRunner, capture_io
+
+from reference import best, brute_force_layerwise, brute_force_progressive, record_moe_io
+
+
+def calib(tokenizer_dir, c4_path, n_blocks=8, block_size=48, batch_size=4):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    blocks = sample_blocks(read_texts(c4_path), tok, block_size, n_blocks, seed=42)
+    loader = make_loader(blocks, batch_size)
+    return loader, [b["input_ids"] for b in loader]
+
+
+def cfg(method, r, path):
+    return RunConfig(method=method, calib_set="c4", model_path=str(path), r=r, device="cpu", dtype="float32")
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("r", [6, 4])
+@pytest.mark.parametrize("method,reference", [("layerwise_pruning", brute_force_layerwise),
+                                              ("progressive_pruning", brute_force_progressive)])
+def test_fast_search_equals_brute_force(tiny_mixtral, tokenizer_dir, c4_path, method, reference, r):
+    loader, batches = calib(tokenizer_dir, c4_path)
+    model = load(tiny_mixtral)
+    expected = reference(copy.deepcopy(model), batches, r)
+    _, info = METHODS[method](model, loader, cfg(method, r, tiny_mixtral))
+    assert set(info["layers"]) == {str(l) for l in expected}
+    for l, ref_losses in expected.items():
+        got = info["layers"][str(l)]
+        assert got["dropped_experts"] == list(best(ref_losses)), f"layer {l}"
+        assert got["kept_experts"] == [e for e in range(8) if e not in best(ref_losses)]
+        assert len(got["loss"]) == len(ref_losses)
+        for drop, ref in ref_losses.items():
+            assert got["loss"][",".join(map(str, drop))] == pytest.approx(ref, rel=1e-6), (l, drop)
+    # The pruned blocks really hold r experts, and the config says so.
+    for adapter, block in find_moe_blocks(model).values():
+        assert adapter.num_experts(block) == r
+        assert block.gate.weight.shape[0] == r and block.experts.gate_up_proj.shape[0] == r
+    assert model.config.num_local_experts == r
+
+
+def test_progressive_differs_from_layerwise_after_first_layer(tiny_mixtral, tokenizer_dir, c4_path):
+    """Layer 0 sees the same inputs in both methods; later layers see pruned inputs in progressive."""
+    loader, _ = calib(tokenizer_dir, c4_path)
+    _, lw = METHODS["layerwise_pruning"](load(tiny_mixtral), loader, cfg("layerwise_pruning", 4, tiny_mixtral))
+    _, pg = METHODS["progressive_pruning"](load(tiny_mixtral), loader, cfg("progressive_pruning", 4, tiny_mixtral))
+    assert lw["layers"]["0"]["loss"] == pg["layers"]["0"]["loss"]
+    assert lw["layers"]["1"]["loss"] != pg["layers"]["1"]["loss"]
+
+
+@pytest.mark.parametrize("method", ["layerwise_pruning", "progressive_pruning"])
+def test_keeping_every_expert_changes_nothing(tiny_mixtral, tokenizer_dir, c4_path, method):
+    loader, batches = calib(tokenizer_dir, c4_path)
+    original = load(tiny_mixtral)
+    pruned, info = METHODS[method](copy.deepcopy(original), loader, cfg(method, 8, tiny_mixtral))
+    assert all(v["dropped_experts"] == [] for v in info["layers"].values())
+    with torch.no_grad():
+        for batch in batches:
+            assert torch.equal(pruned(input_ids=batch).logits, original(input_ids=batch).logits)
+
+
+def test_runner_moe_io_equals_full_forward(tiny_mixtral, tokenizer_dir, c4_path):
+    loader, batches = calib(tokenizer_dir, c4_path)
+    model = load(tiny_mixtral)
+    expected = record_moe_io(model, batches)
+    runner = LayerRunner(model, "cpu", progress=False)
+    states = runner.capture(loader)
+    blocks = find_moe_blocks(model)
+    for idx, layer in runner.iter_layers(desc="test"):
+        new_states = []
+        for b, state in enumerate(states):
+            with capture_io(blocks[idx][1]) as io:
+                new_states.append(runner.forward(layer, state))
+            x_ref, z_ref = expected[idx][b]
+            torch.testing.assert_close(io["inputs"][0], x_ref, rtol=0, atol=0)
+            torch.testing.assert_close(io["outputs"][0], z_ref, rtol=0, atol=0)
+        states = new_states
+
+
+def test_pruned_model_equals_masked_routing(tiny_mixtral, tokenizer_dir, c4_path):
+    """The pruned model computes what the search scored: the original model with dropped logits masked."""
+    from reference import masked_mixtral_moe
+
+    loader, batches = calib(tokenizer_dir, c4_path)
+    original = load(tiny_mixtral)
+    pruned, info = METHODS["layerwise_pruning"](copy.deepcopy(original), loader,
+                                                cfg("layerwise_pruning", 5, tiny_mixtral))
+    handles = [layer.mlp.register_forward_hook(
+        lambda m, a, o, d=tuple(info["layers"][str(l)]["dropped_experts"]): masked_mixtral_moe(m, a[0], d))
+        for l, layer in enumerate(original.model.layers)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                torch.testing.assert_close(pruned(input_ids=batch).logits, original(input_ids=batch).logits,
+                                           rtol=1e-5, atol=1e-5)
+    finally:
+        for h in handles:
+            h.remove()
