@@ -133,8 +133,6 @@ def check_args(cfg: RunConfig) -> None:
         raise UsageError(f"--max_block_size must be at least 1, got {cfg.max_block_size}")
     if cfg.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0, got {cfg.num_workers}")
-    if cfg.calib_path is not None and not Path(cfg.calib_path).is_file():
-        raise UsageError(f"--calib_path {cfg.calib_path} is not a file")
 
 
 def check_model(cfg: RunConfig):

@@ -1,4 +1,9 @@
-from .adapters import ADAPTERS, MoEAdapter, UnsupportedModelError, find_moe_blocks, supported_families
-from .runner import LayerRunner
+"""Model side: family adapters, the layer-by-layer runner, dynamic skipping, loading."""
 
-__all__ = ["ADAPTERS", "MoEAdapter", "UnsupportedModelError", "find_moe_blocks", "supported_families", "LayerRunner"]
+from .adapters import ADAPTERS, MoEAdapter, MoEError, UnsupportedModelError, find_moe_blocks, supported_families
+from .loading import load_model
+from .runner import LayerRunner
+from .skipping import DynamicSkipping
+
+__all__ = ["ADAPTERS", "MoEAdapter", "MoEError", "UnsupportedModelError", "find_moe_blocks", "supported_families",
+           "LayerRunner", "DynamicSkipping", "load_model"]

@@ -130,6 +130,21 @@ class MoEAdapter:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def renormalizes(self, block: nn.Module) -> bool:
+        """Whether the router rescales the chosen top-k weights to sum to one."""
+        return True
+
+    def weights_after_skip(self, block: nn.Module, weights: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Routing weights once the `skip` slots (tokens, k) are removed from each token's top-k.
+
+        A renormalising router spreads the remaining weight over the remaining experts
+        (the paper's skipping block: w1 -> 1 for Mixtral); rows without a skip are untouched.
+        """
+        w = weights.masked_fill(skip, 0.0)
+        if self.renormalizes(block):
+            w = torch.where(skip.any(dim=-1, keepdim=True), w / w.sum(dim=-1, keepdim=True), weights)
+        return w
+
     # ---- expert compute ------------------------------------------------------------
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """Unweighted output of expert expert_idx[n] on token x[n]: (n, hidden) -> (n, hidden).

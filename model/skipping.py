@@ -1,0 +1,171 @@
+"""Dynamic skipping at inference (paper Sec. 3.2), without touching installed files.
+
+Two of transformers' own extension points do the work:
+
+1. A forward hook on each MoE layer's router applies the paper's rule to the router's
+   output: a token skips its 2nd expert when w2 < beta * w1. The skipped slot gets the
+   expert-parallel sentinel index (== num_experts, "no expert") and weight 0, and the
+   remaining weight is renormalised as the family's router does (Mixtral: w1 -> 1),
+   which is what the paper's skipping block computes.
+2. An experts implementation registered in `ExpertsInterface` ("skip+<base>", e.g.
+   "skip+grouped_mm") drops the sentinel slots before calling the base implementation,
+   so a skipped expert never sees the token: tokens are grouped by their number of
+   active experts and each group goes through the base kernel with that top-k.
+
+`DynamicSkipping` owns the hooks and the implementation switch: `enable()` / `disable()`
+(or use it as a context manager) and `stats()` for skip rates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+from .adapters import MoEAdapter, UnsupportedRoutingError, find_moe_blocks
+
+SKIP_PREFIX = "skip+"
+
+
+def _base_forward(module: nn.Module, base: str):
+    if base == "eager":
+        # The class's own forward, as `use_experts_implementation` wrapped it.
+        return type(module).forward.__wrapped__
+    return ALL_EXPERTS_FUNCTIONS[base]
+
+
+def _make_skipping_experts_forward(base: str):
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        run = _base_forward(self, base)
+        active = top_k_index < self.num_experts  # (tokens, k); sentinel slots are skipped
+        n_active = active.sum(dim=-1)  # (tokens,)
+        k = top_k_index.shape[-1]
+        if bool((n_active == k).all()):
+            return run(self, hidden_states, top_k_index, top_k_weights)
+        out = torch.empty_like(hidden_states)
+        # Active slots first, in their original order (stable sort of "is skipped").
+        order = torch.sort((~active).to(torch.int8), dim=-1, stable=True).indices
+        idx = torch.gather(top_k_index, -1, order)
+        w = torch.gather(top_k_weights, -1, order)
+        for c in torch.unique(n_active).tolist():
+            rows = (n_active == c).nonzero(as_tuple=True)[0]
+            if c == 0:
+                out[rows] = 0
+                continue
+            out[rows] = run(self, hidden_states[rows], idx[rows, :c].contiguous(), w[rows, :c].contiguous()).to(
+                out.dtype)
+        return out
+
+    forward.__name__ = f"skipping_{base}_experts_forward"
+    return forward
+
+
+def register_skipping_implementation(base: str) -> str:
+    """Register "skip+<base>" in transformers' ExpertsInterface; returns the name."""
+    name = SKIP_PREFIX + base
+    if name not in ALL_EXPERTS_FUNCTIONS:
+        if base != "eager" and base not in ALL_EXPERTS_FUNCTIONS:
+            raise ValueError(f"unknown experts implementation {base!r}")
+        ExpertsInterface.register(name, _make_skipping_experts_forward(base))
+    return name
+
+
+def skip_rule(weights: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """Which routed slots to skip: slot j of rank >= 2 when w_j < beta_j * w_1.
+
+    weights: (tokens, k) routing weights; betas: (k - 1,) thresholds for ranks 2..k.
+    For top-2 this is the paper's rule w2 < beta * w1. Returns a (tokens, k) bool mask.
+    """
+    w1 = weights.max(dim=-1, keepdim=True).values
+    ranks = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = largest
+    thresholds = torch.cat([betas.new_full((1,), float("-inf")), betas]).to(weights.dtype)[ranks]
+    return weights < thresholds * w1
+
+
+class DynamicSkipping:
+    """Owner of the router hooks and experts-implementation switch that make a model skip."""
+
+    def __init__(self, model: nn.Module, betas: dict | None = None):
+        self.model = model
+        betas = betas if betas is not None else getattr(model.config, "betas", None)
+        if not betas:
+            raise ValueError("this model has no `betas` in its config: run `python main.py --method dynamic_skipping` "
+                             "on it first, or pass betas")
+        self.blocks = find_moe_blocks(model)
+        self.betas: dict[int, torch.Tensor] = {}
+        for idx, (adapter, block) in self.blocks.items():
+            k = adapter.top_k(block)
+            if k != 2:
+                raise UnsupportedRoutingError(
+                    f"dynamic skipping is defined for top-2 routing (paper Sec. 3.2); layer {idx} routes to top-{k}")
+            if str(idx) not in betas:
+                raise ValueError(f"`betas` has no entry for MoE layer {idx} (has {sorted(betas, key=int)})")
+            self.betas[idx] = torch.tensor([float(betas[str(idx)])], dtype=torch.float32)
+        self._handles: list = []
+        self._base: str | None = None
+        self.reset_stats()
+
+    # ---- switching ---------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return bool(self._handles)
+
+    def enable(self) -> "DynamicSkipping":
+        if self.enabled:
+            return self
+        base = self.model.config._experts_implementation or "eager"
+        if base.startswith(SKIP_PREFIX):
+            base = base[len(SKIP_PREFIX):]
+        self.model.set_experts_implementation(register_skipping_implementation(base))
+        self._base = base
+        try:
+            for idx, (adapter, block) in self.blocks.items():
+                self._handles.append(adapter.router(block).register_forward_hook(self._router_hook(idx, adapter, block)))
+        except Exception:
+            self.disable()
+            raise
+        return self
+
+    def disable(self) -> "DynamicSkipping":
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._base is not None:
+            self.model.set_experts_implementation(self._base)
+            self._base = None
+        return self
+
+    def __enter__(self):
+        return self.enable()
+
+    def __exit__(self, *exc):
+        self.disable()
+
+    # ---- the rule ------------------------------------------------------------------------
+    def _router_hook(self, idx: int, adapter: MoEAdapter, block: nn.Module):
+        def hook(_router, _args, output):
+            logits, weights, indices = output
+            skip = skip_rule(weights, self.betas[idx].to(weights.device))
+            new_weights = adapter.weights_after_skip(block, weights, skip)
+            new_indices = indices.masked_fill(skip, adapter.num_experts(block))
+            self._tokens[idx] = self._tokens[idx] + skip.shape[0]
+            self._skipped[idx] = self._skipped[idx] + skip.sum()
+            return logits, new_weights, new_indices
+
+        return hook
+
+    # ---- statistics ------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self._tokens = {idx: 0 for idx in self.blocks}
+        self._skipped = {idx: 0 for idx in self.blocks}
+
+    def stats(self) -> dict:
+        """Fraction of routed tokens that skipped their 2nd expert, per MoE layer and overall."""
+        layers = {}
+        for idx in self.blocks:
+            t, s = int(self._tokens[idx]), int(self._skipped[idx])
+            layers[str(idx)] = {"tokens": t, "skipped": s, "skip_rate": s / t if t else 0.0}
+        tokens = sum(v["tokens"] for v in layers.values())
+        skipped = sum(v["skipped"] for v in layers.values())
+        return {"layers": layers, "tokens": tokens, "skipped": skipped,
+                "skip_rate": skipped / tokens if tokens else 0.0}

@@ -1,0 +1,210 @@
+"""Dynamic skipping at inference against independent references, on tiny random Mixtral models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from transformers import AutoModelForCausalLM
+
+import main
+from model import DynamicSkipping, load_model
+from model.adapters import UnsupportedRoutingError
+
+from conftest import save_model, tiny_mixtral_config
+
+IMPLS = ["eager", "grouped_mm", "batched_mm"]
+
+
+def paper_skipping_moe(block, x, beta):
+    """The paper's skipping block on transformers 5.x Mixtral weights: softmax, top-2, zero the 2nd
+    weight when w2 < beta * w1, renormalise (the skipped expert runs with weight 0 here)."""
+    shape = x.shape
+    h = x.reshape(-1, shape[-1])
+    p = torch.softmax(F.linear(h, block.gate.weight).float(), dim=-1)
+    w, i = torch.topk(p, 2, dim=-1)
+    mask = w[:, 1] < beta * w[:, 0]
+    w[mask, 1] = 0
+    w = w / w.sum(dim=-1, keepdim=True)
+    return block.experts(h, i, w).reshape(shape), mask
+
+
+def top1_moe(block, x):
+    shape = x.shape
+    h = x.reshape(-1, shape[-1])
+    p = torch.softmax(F.linear(h, block.gate.weight).float(), dim=-1)
+    i = p.argmax(dim=-1, keepdim=True)
+    return block.experts(h, i, torch.ones_like(i, dtype=torch.float32)).reshape(shape)
+
+
+def reference_logits(model, ids, moe):
+    """Logits with every MoE block's output replaced by moe(block, x)."""
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: moe(m, a[0])) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return save_model(tiny_mixtral_config(vocab_size=256, layers=2), tmp_path / "m")
+
+
+def ids(n=2, t=24, seed=0):
+    return torch.randint(3, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def fresh(model_dir, impl):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, experts_implementation=impl).eval()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_beta_zero_is_stock_and_large_beta_is_top1(model_dir, impl):
+    stock = fresh(model_dir, impl)
+    x = ids()
+    with torch.no_grad():
+        expected = stock(x).logits
+    model = fresh(model_dir, impl)
+    with DynamicSkipping(model, {"0": 0.0, "1": 0.0}) as skip, torch.no_grad():
+        assert torch.equal(model(x).logits, expected)
+        assert skip.stats()["skip_rate"] == 0.0
+    with DynamicSkipping(model, {"0": 1.5, "1": 1.5}) as skip, torch.no_grad():
+        got = model(x).logits
+        assert skip.stats()["skip_rate"] == 1.0
+    torch.testing.assert_close(got, reference_logits(fresh(model_dir, impl), x, top1_moe), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta", [0.3, 0.7])
+def test_skipping_equals_paper_block(model_dir, impl, beta):
+    x = ids()
+    masks = []
+
+    def moe(block, h):
+        out, mask = paper_skipping_moe(block, h, beta)
+        masks.append(mask)
+        return out
+
+    expected = reference_logits(fresh(model_dir, impl), x, moe)
+    model = fresh(model_dir, impl)
+    with DynamicSkipping(model, {"0": beta, "1": beta}) as skip, torch.no_grad():
+        got = model(x).logits
+        stats = skip.stats()
+    # Same routing decisions exactly; outputs equal up to float32 rounding, because the skipped
+    # rows never reach the expert kernel, whose GEMM then runs on fewer rows.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    skipped = [int(m.sum()) for m in masks]
+    assert 0 < sum(skipped) < 2 * x.numel()  # some tokens skip, some do not
+    assert [stats["layers"][str(i)]["skipped"] for i in range(2)] == skipped
+    assert stats["tokens"] == 2 * x.numel()
+    assert stats["skip_rate"] == pytest.approx(sum(skipped) / (2 * x.numel()))
+
+
+class CountExpertRows(TorchFunctionMode):
+    """Counts the token rows fed to expert up-projections (F.linear with a (2I, H) weight)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.rows = shape, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and tuple(args[1].shape) == self.shape:
+            self.rows += args[0].shape[0]
+        return func(*args, **(kwargs or {}))
+
+
+def test_skipped_experts_receive_no_tokens(model_dir):
+    x = ids()
+    model = fresh(model_dir, "eager")
+    shape = tuple(model.model.layers[0].mlp.experts.gate_up_proj.shape[1:])
+    with CountExpertRows(shape) as stock, torch.no_grad():
+        model(x)
+    n_tokens = x.numel()
+    assert stock.rows == 2 * 2 * n_tokens  # 2 layers x top-2
+    with DynamicSkipping(model, {"0": 0.5, "1": 0.5}) as skip, CountExpertRows(shape) as counted, torch.no_grad():
+        model(x)
+    assert skip.stats()["skipped"] > 0
+    assert counted.rows == stock.rows - skip.stats()["skipped"]
+
+
+def _cli(method, model_dir, out, c4_path, *extra):
+    assert main.main(["--method", method, *extra, "--calib_set", "c4", "--calib_path", str(c4_path),
+                      "--model_path", str(model_dir), "--output_path", str(out), "--max_block_size", "48",
+                      "--n_blocks_for_stat", "8", "--batch_size", "4", "--num_workers", "0", "--device", "cpu",
+                      "--dtype", "float32"]) == 0
+    (result,) = [p for p in out.iterdir() if p.name.startswith(model_dir.name + "_" + method)]
+    return result
+
+
+def paper_logits(model, x, betas):
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, b=betas[str(i)]: paper_skipping_moe(m, a[0], b)[0])
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            return model(x).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_checkpoint_roundtrip_switch_off_and_generate(tiny_mixtral, c4_path, tmp_path):
+    ckpt = _cli("dynamic_skipping", tiny_mixtral, tmp_path / "out", c4_path)
+    betas = json.loads((ckpt / "config.json").read_text())["betas"]
+    model, tok = load_model(str(ckpt), device="cpu", dtype="float32")
+    assert model.dynamic_skipping is not None and model.dynamic_skipping.enabled
+    x = tok(["The history of the city begins in the middle ages, when a small market grew."],
+            return_tensors="pt").input_ids
+    plain = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        skipping_logits = model(x).logits
+        stock_logits = plain(x).logits
+    torch.testing.assert_close(skipping_logits, paper_logits(plain, x, betas), rtol=1e-5, atol=1e-6)
+    assert 0 < model.dynamic_skipping.stats()["skip_rate"] < 1
+    assert not torch.equal(skipping_logits, stock_logits)
+    with torch.no_grad():
+        gen = model.generate(x, max_new_tokens=6, do_sample=False)
+        assert gen.shape[1] == x.shape[1] + 6
+        model.dynamic_skipping.disable()
+        assert torch.equal(model(x).logits, stock_logits)  # off: the stock model, bit for bit
+        model.dynamic_skipping.enable()
+        assert torch.equal(model(x).logits, skipping_logits)
+    # Plain load without skipping.
+    off, _ = load_model(str(ckpt), device="cpu", dtype="float32", skipping=False)
+    assert off.dynamic_skipping is None
+    with torch.no_grad():
+        assert torch.equal(off(x).logits, stock_logits)
+
+
+def test_pruning_and_skipping_compose(tiny_mixtral, c4_path, tmp_path):
+    pruned = _cli("layerwise_pruning", tiny_mixtral, tmp_path / "out", c4_path, "--r", "6")
+    both = _cli("dynamic_skipping", pruned, tmp_path / "out2", c4_path)
+    config = json.loads((both / "config.json").read_text())
+    assert config["num_local_experts"] == 6 and set(config["betas"]) == {"0", "1"}
+    model, tok = load_model(str(both), device="cpu", dtype="float32")
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
+    x = tok(["Numbers and letters: 12 apples and 7 pears make 19 fruits."], return_tensors="pt").input_ids
+    plain = AutoModelForCausalLM.from_pretrained(both, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(x).logits
+    torch.testing.assert_close(got, paper_logits(plain, x, config["betas"]), rtol=1e-5, atol=1e-6)
+
+
+def test_model_without_betas(model_dir):
+    model = fresh(model_dir, "eager")
+    with pytest.raises(ValueError, match="no `betas`"):
+        DynamicSkipping(model)
+    with pytest.raises(ValueError, match="no entry for MoE layer 1"):
+        DynamicSkipping(model, {"0": 0.5})
+
+
+def test_top_k_other_than_two_is_refused(tmp_path):
+    path = save_model(tiny_mixtral_config(vocab_size=256, top_k=3), tmp_path / "k3")
+    model = fresh(path, "eager")
+    with pytest.raises(UnsupportedRoutingError, match="top-2 .* top-3"):
+        DynamicSkipping(model, {"0": 0.5, "1": 0.5})
