@@ -67,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model; dynamic_skipping: calibrate per-layer betas for skipping the 2nd expert")
     p.add_argument("--r", type=int, default=None, help="number of experts to keep per MoE layer (pruning methods)")
     p.add_argument("--calib_set", required=True, choices=list(DATASETS),
-                   help="calibration set: " + "; ".join(f"{k}: {v.default_paths[0]}" if hasattr(v, "default_paths")
-                                                       else k for k, v in DATASETS.items()))
+                   help="calibration set: " + "; ".join(f"{k}: {v.default_paths[0]}" for k, v in DATASETS.items()))
     p.add_argument("--model_path", required=True, help="checkpoint folder (or hub id) of the model to prune")
     p.add_argument("--output_path", default="./output",
                    help="folder under which the run's result folder is created (default: ./output)")
@@ -183,11 +182,17 @@ def run(cfg: RunConfig) -> Path:
     set_seed(cfg.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    # File sets are read before the (slow) model load, so that a bad file fails fast;
+    # `self` samples from the model, which must be loaded first.
+    needs_model = DATASETS[cfg.calib_set].needs_model
+    model = load_model(cfg) if needs_model else None
     calib_loader = build_calib_loader(cfg.calib_set, tokenizer, cfg.max_block_size, cfg.n_blocks_for_stat,
-                                      cfg.batch_size, cfg.num_workers, cfg.seed, path=cfg.calib_path)
+                                      cfg.batch_size, cfg.num_workers, cfg.seed, path=cfg.calib_path,
+                                      model=model, device=device)
     n_blocks = len(calib_loader.dataset)
     logger.info("calibration: %d blocks of %d tokens", n_blocks, len(calib_loader.dataset[0]))
-    model = load_model(cfg)
+    if model is None:
+        model = load_model(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

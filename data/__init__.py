@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .calib import DataFileError, FileCalibSet, block_size_for, make_loader, read_texts, sample_blocks
+from .self_calib import SelfCalibSet
 
 DATASETS = {
     "c4": FileCalibSet(
@@ -18,14 +19,17 @@ DATASETS = {
                    "--dataset_path DIR` (MATH: https://github.com/hendrycks/math), or pass --calib_path FILE "
                    "(a JSON array of {\"text\": ...})",
     ),
+    "self": SelfCalibSet(),
 }
 
 
 def build_calib_loader(dataset: str, tokenizer, max_block_size: int, n_blocks_for_stat: int, batch_size: int,
-                       num_workers: int, seed: int = 42, path: str | None = None, model=None):
-    """DataLoader of calibration blocks, as the original `build_calib_loader` (plus a file path)."""
+                       num_workers: int, seed: int = 42, path: str | None = None, model=None, device="cpu"):
+    """DataLoader of calibration blocks, as the original `build_calib_loader`, plus a file path
+    (`path`) and, for `self`, the model to sample from and the device to sample on."""
     block_size = block_size_for(tokenizer, max_block_size)
-    blocks = DATASETS[dataset].blocks(tokenizer, block_size, n_blocks_for_stat, seed, path=path, model=model)
+    blocks = DATASETS[dataset].blocks(tokenizer, block_size, n_blocks_for_stat, seed, path=path, model=model,
+                                      batch_size=batch_size, device=device)
     return make_loader(blocks, batch_size, num_workers)
 
 

@@ -135,8 +135,10 @@ class FileCalibSet:
         where = str(candidates[0]) if path else " or ".join(str(c) for c in candidates)
         raise DataFileError(f"calibration file for --calib_set {self.name} not found: {where}; {self.how_to_get}")
 
+    needs_model = False
+
     def blocks(self, tokenizer, block_size: int, n_blocks: int, seed: int, path: str | None = None,
-               model=None) -> torch.Tensor:
+               **_unused) -> torch.Tensor:
         file = self.resolve(path)
         logger.info("reading calibration documents from %s", file)
         return sample_blocks(read_texts(file), tokenizer, block_size, n_blocks, seed, source=str(file))

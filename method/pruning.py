@@ -81,4 +81,10 @@ def _prune(model, calib_loader, args, progressive: bool):
             pruned = original
         del inputs
     next(iter(blocks.values()))[0].prune_config(model.config, args.r)
-    return model, {"layers": layers_info}
+    info = {"layers": layers_info}
+    if getattr(model.config, "betas", None):
+        # Betas were calibrated on the unpruned routing; run dynamic_skipping on the pruned model instead.
+        del model.config.betas
+        info["removed_stale_betas"] = True
+        logger.warning("removed `betas` from the config: re-run --method dynamic_skipping on the pruned checkpoint")
+    return model, info

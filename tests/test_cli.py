@@ -172,3 +172,14 @@ def test_failure_during_save_leaves_nothing(tiny_mixtral, c4_path, tmp_path, mon
     with pytest.raises(RuntimeError, match="disk full"):
         main.main(["--method", "layerwise_pruning", "--r", "6", *common(tiny_mixtral, c4_path, out)])
     assert list(out.iterdir()) == []
+
+
+def test_pruning_a_skipping_checkpoint_drops_stale_betas(tiny_mixtral, c4_path, tmp_path):
+    config = json.loads((tiny_mixtral / "config.json").read_text())
+    config["betas"] = {"0": 0.4, "1": 0.4}
+    (tiny_mixtral / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main.main(["--method", "layerwise_pruning", "--r", "6", *common(tiny_mixtral, c4_path, out)]) == 0
+    result = only_result(out)
+    assert "betas" not in json.loads((result / "config.json").read_text())
+    assert json.loads((result / "pruning_info.json").read_text())["removed_stale_betas"] is True
