@@ -57,6 +57,10 @@ class RunConfig:
     calib_path: str | None = None
     device: str | None = None
     dtype: str = "bfloat16"
+    search: str = "auto"
+    exhaustive_limit: int = 20000
+    beam_width: int = 4
+    swap_rounds: int = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "moved there one at a time; the model itself stays in host memory")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
                    help="dtype to load the model in (default: bfloat16, as the paper)")
+    p.add_argument("--search", default="auto", choices=["auto", "exhaustive", "beam"],
+                   help="how to find the kept set: exhaustive tries every drop set (the paper); beam scales to "
+                        "many experts (greedy elimination with a beam, then swap refinement); auto: exhaustive "
+                        "when there are at most --exhaustive_limit candidate sets, else beam")
+    p.add_argument("--exhaustive_limit", type=int, default=20000,
+                   help="largest number of candidate drop sets searched exhaustively with --search auto")
+    p.add_argument("--beam_width", type=int, default=4, help="beam width of --search beam")
+    p.add_argument("--swap_rounds", type=int, default=4, help="at most this many swap-refinement rounds of beam")
     return p
 
 
@@ -130,6 +142,8 @@ def check_args(cfg: RunConfig) -> None:
         raise UsageError(f"--batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.max_block_size < 1:
         raise UsageError(f"--max_block_size must be at least 1, got {cfg.max_block_size}")
+    if cfg.beam_width < 1 or cfg.swap_rounds < 0 or cfg.exhaustive_limit < 1:
+        raise UsageError("--beam_width and --exhaustive_limit must be >= 1 and --swap_rounds >= 0")
     if cfg.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0, got {cfg.num_workers}")
 

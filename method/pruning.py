@@ -19,7 +19,7 @@ import torch
 from model.adapters import find_moe_blocks
 from model.runner import LayerRunner, capture_io
 
-from .search import ExhaustiveScorer
+from .search import make_search
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def _prune(model, calib_loader, args, progressive: bool):
             pruned = [runner.forward(layer, b) for b in pruned] if diverged else original
             continue
         adapter, block = blocks[idx]
-        scorer = ExhaustiveScorer(adapter, block, args.r)
+        scorer = make_search(adapter, block, args.r, args.search, args.exhaustive_limit, args.beam_width,
+                             args.swap_rounds)
         inputs = original
         original = []
         for b in range(len(inputs)):
@@ -72,8 +73,9 @@ def _prune(model, calib_loader, args, progressive: bool):
             scorer.add_batch(x, target)
         info = scorer.result()
         adapter.prune(block, info["kept_experts"])
-        logger.info("layer %d: drop %s (loss %.6g, %d candidates)", idx, info["dropped_experts"],
-                    info["best_loss"], info["n_candidates"])
+        logger.info("layer %d: drop %s (loss %.6g; %s search, %d of %d candidates scored)", idx,
+                    info["dropped_experts"], info["best_loss"], info["search"], info["n_evaluated"],
+                    info["n_candidates"])
         layers_info[str(idx)] = info
         if progressive:  # states of the pruned model through the just-pruned layer
             pruned = [runner.forward(layer, b) for b in (pruned if diverged else inputs)]

@@ -21,6 +21,7 @@ so scoring one candidate costs O(tokens * top_k^2) instead of a block forward.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,24 @@ _BYTES_PER_CHUNK = 1 << 30  # float64 expert outputs of one token chunk
 _ROUTE_ELEMENTS = 1 << 24  # candidates x tokens x experts routed at once
 
 
-def drop_sets(n_experts: int, r: int) -> list[tuple[int, ...]]:
-    """Every set of n_experts - r dropped experts, in itertools.combinations order."""
-    return list(itertools.combinations(range(n_experts), n_experts - r))
+def drop_sets(n_experts: int, r: int, groups: list[list[int]] | None = None) -> list[tuple[int, ...]]:
+    """Every set of n_experts - r dropped experts, in itertools.combinations order.
+
+    With routing groups, every group drops the same number of experts (see
+    `MoEAdapter.expert_groups`): the product of per-group combinations, in product order.
+    """
+    if groups is None:
+        return list(itertools.combinations(range(n_experts), n_experts - r))
+    per_group = (n_experts - r) // len(groups)
+    return [tuple(sorted(itertools.chain(*p)))
+            for p in itertools.product(*(itertools.combinations(g, per_group) for g in groups))]
+
+
+def count_drop_sets(n_experts: int, r: int, groups: list[list[int]] | None = None) -> int:
+    if groups is None:
+        return math.comb(n_experts, n_experts - r)
+    per_group = (n_experts - r) // len(groups)
+    return math.prod(math.comb(len(g), per_group) for g in groups)
 
 
 def kept_tensor(n_experts: int, drops: list[tuple[int, ...]], device=None) -> torch.Tensor:
@@ -60,6 +76,10 @@ class TokenStats:
     gram: torch.Tensor
     cross: torch.Tensor
     z2: torch.Tensor
+
+
+def _stats_to(stats: TokenStats, device) -> TokenStats:
+    return TokenStats(stats.slot.to(device), stats.gram.to(device), stats.cross.to(device), stats.z2.to(device))
 
 
 def slots_from_mask(needed: torch.Tensor) -> torch.Tensor:
@@ -108,71 +128,223 @@ def argmin_first(losses: list[float]) -> int:
     return min(range(len(losses)), key=lambda i: (losses[i], i))
 
 
-class ExhaustiveScorer:
-    """Accumulates L(D) for every drop set D of one MoE block, one calibration batch at a time."""
+def rank_bound_mask(scores: torch.Tensor, n_drop: int, k: int, groups: list[list[int]] | None) -> torch.Tensor:
+    """(T, E) bool: the experts some candidate dropping n_drop experts can route each token to.
+
+    The router picks by `scores` order. Expert e is picked only if fewer than k kept experts
+    rank above it, so at least rank(e) - k + 1 of those must be dropped: with n_drop drops,
+    only the top n_drop + k experts of each token can ever be picked. Under group-limited
+    routing every group drops n_drop / n_group experts and e competes with its own group's
+    experts, so the bound applies within each group.
+    """
+    t, n = scores.shape
+    mask = torch.zeros(t, n, dtype=torch.bool, device=scores.device)
+    for members in (groups or [list(range(n))]):
+        cols = torch.tensor(members, device=scores.device)
+        m = min(len(members), (n_drop // (len(groups) if groups else 1)) + k)
+        top = torch.topk(scores[:, cols].float(), m, dim=-1).indices
+        mask[torch.arange(t, device=scores.device).unsqueeze(-1), cols[top]] = True
+    return mask
+
+
+class _LayerSearch:
+    """Shared part of the searches: per-batch targets, logits and expert-output statistics."""
+
+    method = ""
 
     def __init__(self, adapter, block, r: int):
         self.adapter, self.block = adapter, block
         self.n = adapter.num_experts(block)
+        self.k = adapter.top_k(block)
         self.r = r
-        self.drops = drop_sets(self.n, r)
+        self.groups = adapter.expert_groups(block)
+
+    def _prepare(self, x: torch.Tensor, target: torch.Tensor):
+        """Flatten one batch; subtract the never-pruned shared experts from the target."""
+        hidden = x.shape[-1]
+        x = x.reshape(-1, hidden)
+        target = target.reshape(-1, hidden).to(device=x.device, dtype=torch.float64)
+        shared = self.adapter.shared_output(self.block, x)
+        if shared is not None:  # shared experts are never pruned: score the routed part only
+            target = target - shared.to(torch.float64)
+        return x, target, self.adapter.router_logits(self.block, x)  # logits: (T, E)
+
+    def _token_chunks(self, n_tok: int, hidden: int):
+        step = max(1, min(n_tok, _BYTES_PER_CHUNK // (self.n * hidden * 8)))
+        for t0 in range(0, n_tok, step):
+            yield slice(t0, min(n_tok, t0 + step))
+
+    def _candidate_chunks(self, n_tok: int, n_cand: int):
+        step = max(1, _ROUTE_ELEMENTS // max(1, n_tok * self.n))
+        for c0 in range(0, n_cand, step):
+            yield slice(c0, min(n_cand, c0 + step))
+
+    def _stats(self, x, target, needed) -> TokenStats:
+        """Each needed expert's output once, through the library's experts module, reduced to inner products."""
+        slot = slots_from_mask(needed)
+        token_idx, expert_idx = needed.nonzero(as_tuple=True)
+        y = self.adapter.expert_outputs(self.block, x[token_idx], expert_idx)
+        return token_stats(y, token_idx, slot[token_idx, expert_idx], x.shape[0], int(needed.sum(1).max()),
+                           target, slot)
+
+    def _sq_errors(self, stats: TokenStats, logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """(C,) squared errors of candidates `kept` (C, r') summed over the chunk's tokens."""
+        out = torch.empty(kept.shape[0], dtype=torch.float64, device=logits.device)
+        for sl in self._candidate_chunks(logits.shape[0], kept.shape[0]):
+            w, idx = self.adapter.route(self.block, logits, kept[sl])
+            out[sl] = sq_errors(stats, w, idx)
+        return out
+
+    def _result(self, drop: tuple[int, ...], best_loss: float, losses: dict, **extra) -> dict:
+        return {
+            "kept_experts": [e for e in range(self.n) if e not in drop],
+            "dropped_experts": list(drop),
+            "search": self.method,
+            "n_candidates": count_drop_sets(self.n, self.r, self.groups),
+            **extra,
+            "best_loss": best_loss,
+            "loss": {drop_key(d): v for d, v in losses.items()},
+        }
+
+
+class ExhaustiveScorer(_LayerSearch):
+    """The paper's search: L(D) for every drop set D, accumulated one calibration batch at a time."""
+
+    method = "exhaustive"
+
+    def __init__(self, adapter, block, r: int):
+        super().__init__(adapter, block, r)
+        self.drops = drop_sets(self.n, r, self.groups)
         self.losses = torch.zeros(len(self.drops), dtype=torch.float64)
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor, target: torch.Tensor) -> None:
         """x: MoE input (..., H) for this batch; target: original MoE output (..., H)."""
-        hidden = x.shape[-1]
-        x = x.reshape(-1, hidden)
-        device = x.device
-        target = target.reshape(-1, hidden).to(device=device, dtype=torch.float64)
-        shared = self.adapter.shared_output(self.block, x)
-        if shared is not None:  # shared experts are never pruned: score the routed part only
-            target = target - shared.to(torch.float64)
-        logits = self.adapter.router_logits(self.block, x)  # (T, E)
-        kept = kept_tensor(self.n, self.drops, device)
-        n_tok = x.shape[0]
-        tok_chunk = max(1, min(n_tok, _BYTES_PER_CHUNK // (self.n * hidden * 8)))
-        sq = torch.zeros(len(self.drops), dtype=torch.float64, device=device)
-        for t0 in range(0, n_tok, tok_chunk):
-            t1 = min(n_tok, t0 + tok_chunk)
-            sq += self._chunk(x[t0:t1], target[t0:t1], logits[t0:t1], kept)
+        x, target, logits = self._prepare(x, target)
+        kept = kept_tensor(self.n, self.drops, x.device)
+        sq = torch.zeros(len(self.drops), dtype=torch.float64, device=x.device)
+        for ts in self._token_chunks(x.shape[0], x.shape[1]):
+            sq += self._chunk(x[ts], target[ts], logits[ts], kept)
         self.losses += sq.sqrt().cpu()
 
-    def _candidate_chunks(self, n_tok: int, kept: torch.Tensor):
-        step = max(1, _ROUTE_ELEMENTS // max(1, n_tok * self.n))
-        for c0 in range(0, kept.shape[0], step):
-            yield slice(c0, min(kept.shape[0], c0 + step))
-
     def _chunk(self, x, target, logits, kept) -> torch.Tensor:
-        n_tok = x.shape[0]
-        # 1) which (token, expert) pairs does any candidate route to?
-        needed = torch.zeros(n_tok, self.n, dtype=torch.bool, device=x.device)
-        for sl in self._candidate_chunks(n_tok, kept):
+        # Which (token, expert) pairs does any candidate route to? Exactly those get computed.
+        needed = torch.zeros(x.shape[0], self.n, dtype=torch.bool, device=x.device)
+        for sl in self._candidate_chunks(x.shape[0], kept.shape[0]):
             _, idx = self.adapter.route(self.block, logits, kept[sl])  # (C, T, k)
-            needed.scatter_(1, idx.permute(1, 0, 2).reshape(n_tok, -1), True)
-        # 2) each needed expert output once, through the library's experts module
-        slot = slots_from_mask(needed)
-        token_idx, expert_idx = needed.nonzero(as_tuple=True)
-        y = self.adapter.expert_outputs(self.block, x[token_idx], expert_idx)
-        stats = token_stats(y, token_idx, slot[token_idx, expert_idx], n_tok, int(needed.sum(1).max()),
-                            target, slot)
-        # 3) score every candidate from inner products
-        out = torch.empty(kept.shape[0], dtype=torch.float64, device=x.device)
-        for sl in self._candidate_chunks(n_tok, kept):
-            w, idx = self.adapter.route(self.block, logits, kept[sl])
-            out[sl] = sq_errors(stats, w, idx)
-        return out
+            needed.scatter_(1, idx.permute(1, 0, 2).reshape(x.shape[0], -1), True)
+        return self._sq_errors(self._stats(x, target, needed), logits, kept)
 
     def result(self) -> dict:
-        """The decision and every candidate's loss."""
         losses = self.losses.tolist()
         best = argmin_first(losses)
-        dropped = list(self.drops[best])
-        return {
-            "kept_experts": [e for e in range(self.n) if e not in dropped],
-            "dropped_experts": dropped,
-            "search": "exhaustive",
-            "n_candidates": len(losses),
-            "best_loss": losses[best],
-            "loss": {drop_key(d): v for d, v in zip(self.drops, losses)},
-        }
+        return self._result(self.drops[best], losses[best], dict(zip(self.drops, losses)),
+                            n_evaluated=len(losses))
+
+
+class BeamSearch(_LayerSearch):
+    """Same objective, for expert counts where enumeration is impossible (C(64, 32) ~ 1.8e18).
+
+    Calibration statistics (inner products of the outputs of each token's top n_drop + k
+    experts, computed in token chunks) are kept, then:
+      1. greedy elimination with a beam: from each beam state, try dropping one more expert
+         (respecting routing groups); keep the `beam_width` best states; repeat until
+         n_drop experts are dropped;
+      2. swap refinement: replace one dropped expert with one kept expert while that lowers
+         L(D), for at most `swap_rounds` rounds.
+    Every candidate is scored with the exact objective L(D) on all calibration tokens.
+    """
+
+    method = "beam"
+
+    def __init__(self, adapter, block, r: int, beam_width: int = 4, swap_rounds: int = 4,
+                 store_device: torch.device | str | None = None):
+        super().__init__(adapter, block, r)
+        self.beam_width, self.swap_rounds = beam_width, swap_rounds
+        self.store_device = store_device
+        self.batches: list[list[tuple[torch.Tensor, TokenStats]]] = []
+        self.n_evaluated = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        x, target, logits = self._prepare(x, target)
+        chunks = []
+        for ts in self._token_chunks(x.shape[0], x.shape[1]):
+            scores = self.adapter.choice_scores(self.block, logits[ts])
+            needed = rank_bound_mask(scores, self.n - self.r, self.k, self.groups)
+            stats = self._stats(x[ts], target[ts], needed)
+            dev = self.store_device or x.device
+            chunks.append((logits[ts].to(dev), _stats_to(stats, dev)))
+        self.batches.append(chunks)
+
+    @torch.no_grad()
+    def losses(self, drops: list[tuple[int, ...]]) -> list[float]:
+        """L(D) of each drop set (all of the same size), over every stored calibration batch."""
+        device = next(self.block.parameters()).device
+        kept = kept_tensor(self.n, drops, device)
+        total = torch.zeros(len(drops), dtype=torch.float64)
+        for chunks in self.batches:
+            sq = torch.zeros(len(drops), dtype=torch.float64, device=device)
+            for logits, stats in chunks:
+                sq += self._sq_errors(_stats_to(stats, device), logits.to(device), kept)
+            total += sq.sqrt().cpu()
+        self.n_evaluated += len(drops)
+        return total.tolist()
+
+    def _group_of(self) -> list[int] | None:
+        if self.groups is None:
+            return None
+        owner = [0] * self.n
+        for g, members in enumerate(self.groups):
+            for e in members:
+                owner[e] = g
+        return owner
+
+    def _ranked(self, drops: list[tuple[int, ...]]) -> list[tuple[float, tuple[int, ...]]]:
+        return sorted(zip(self.losses(drops), drops))
+
+    def result(self) -> dict:
+        n_drop = self.n - self.r
+        owner = self._group_of()
+        per_group = n_drop // len(self.groups) if self.groups else n_drop
+        trace = []
+        beam: list[tuple[int, ...]] = [()]
+        ranked = [(0.0, ())]
+        for _ in range(n_drop):
+            cands = sorted({tuple(sorted(d + (e,))) for d in beam for e in range(self.n) if e not in d
+                            and (owner is None or sum(owner[x] == owner[e] for x in d) < per_group)})
+            ranked = self._ranked(cands)
+            beam = [d for _, d in ranked[: self.beam_width]]
+            trace.append({"dropped": len(beam[0]), "best_loss": ranked[0][0], "n_candidates": len(cands)})
+        best_loss, best = ranked[0]
+        finalists = dict((d, l) for l, d in ranked[: self.beam_width])
+        rounds = 0
+        for rounds in range(1, self.swap_rounds + 1):
+            swaps = sorted({tuple(sorted((set(best) - {a}) | {b})) for a in best for b in range(self.n)
+                            if b not in best and (owner is None or owner[a] == owner[b])})
+            if not swaps:
+                break
+            loss, cand = self._ranked(swaps)[0]
+            trace.append({"swap_round": rounds, "best_loss": loss, "n_candidates": len(swaps)})
+            if loss >= best_loss:
+                break
+            best_loss, best = loss, cand
+            finalists[cand] = loss
+        return self._result(best, best_loss, finalists, n_evaluated=self.n_evaluated,
+                            beam_width=self.beam_width, swap_rounds=rounds, trace=trace)
+
+
+SEARCHES = {"exhaustive": ExhaustiveScorer, "beam": BeamSearch}
+
+
+def make_search(adapter, block, r: int, search: str = "auto", exhaustive_limit: int = 20000, beam_width: int = 4,
+                swap_rounds: int = 4):
+    """The exact enumeration when it has at most `exhaustive_limit` candidates (or when asked), else beam search."""
+    if search == "auto":
+        n_cand = count_drop_sets(adapter.num_experts(block), r, adapter.expert_groups(block))
+        search = "exhaustive" if n_cand <= exhaustive_limit else "beam"
+    if search == "exhaustive":
+        return ExhaustiveScorer(adapter, block, r)
+    if search == "beam":
+        return BeamSearch(adapter, block, r, beam_width=beam_width, swap_rounds=swap_rounds)
+    raise ValueError(f"unknown search {search!r}; choose auto, exhaustive or beam")

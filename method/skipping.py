@@ -22,18 +22,16 @@ logger = logging.getLogger(__name__)
 def check_skippable(model) -> dict:
     blocks = find_moe_blocks(model)
     for idx, (adapter, block) in blocks.items():
-        k = adapter.top_k(block)
-        if k != 2:
+        if adapter.top_k(block) < 2:
             raise UnsupportedRoutingError(
-                f"dynamic skipping is defined for top-2 routing (paper Sec. 3.2); layer {idx} routes to top-{k}"
-            )
+                f"dynamic skipping drops a token's 2nd..k-th experts; layer {idx} routes each token to one expert")
     return blocks
 
 
 def weight_ratios(weights: torch.Tensor) -> torch.Tensor:
-    """(tokens, 2) routing weights -> (tokens,) w2 / w1 with w1 >= w2."""
+    """(tokens, k) routing weights -> (tokens, k - 1): w_j / w_1 for ranks j = 2..k (w_1 the largest)."""
     w = weights.float().sort(dim=-1, descending=True).values
-    return w[..., 1] / w[..., 0]
+    return w[..., 1:] / w[..., :1]
 
 
 @torch.no_grad()
@@ -55,10 +53,11 @@ def dynamic_skipping(model, calib_loader, args):
             weights, _ = adapter.route(block, io["outputs"][0])  # the router's own rule on its logits
             ratios.append(weight_ratios(weights).cpu().numpy())
         states = new_states
-        r = np.concatenate(ratios).astype(np.float64)
-        layers_info[str(idx)] = {"beta_median": float(np.median(r)), "beta_mean": float(np.mean(r)),
-                                 "n_tokens": int(r.size)}
-        logger.info("layer %d: median w2/w1 %.4f, mean %.4f", idx, layers_info[str(idx)]["beta_median"],
-                    layers_info[str(idx)]["beta_mean"])
+        r = np.concatenate(ratios).astype(np.float64)  # (tokens, k - 1)
+        median, mean = np.median(r, axis=0).tolist(), np.mean(r, axis=0).tolist()
+        if r.shape[1] == 1:  # top-2: one number per layer, the paper's (and original code's) format
+            median, mean = median[0], mean[0]
+        layers_info[str(idx)] = {"beta_median": median, "beta_mean": mean, "n_tokens": int(r.shape[0])}
+        logger.info("layer %d: median w_j/w_1 %s, mean %s", idx, median, mean)
     model.config.betas = {k: v["beta_median"] for k, v in layers_info.items()}
     return model, {"layers": layers_info}

@@ -80,16 +80,40 @@ class MoEAdapter:
     def top_k(self, block: nn.Module) -> int:
         return int(self.router(block).top_k)
 
+    def expert_groups(self, block: nn.Module) -> list[list[int]] | None:
+        """Expert groups of group-limited routing, or None.
+
+        The library reshapes the experts into `n_group` equal contiguous groups, so a pruned
+        block must keep the same number of experts in every group (and keep them in order):
+        candidate drop sets take the same number of experts from each group.
+        """
+        return None
+
+    def min_group_size(self, block: nn.Module) -> int:
+        return 1
+
+    def choice_scores(self, block: nn.Module, logits: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores whose order decides which experts the router picks first (logits for softmax routers)."""
+        return logits
+
     def valid_r(self, block: nn.Module) -> list[int]:
         """Numbers of kept experts this block can be pruned to."""
-        return list(range(self.top_k(block), self.num_experts(block) + 1))
+        n, k = self.num_experts(block), self.top_k(block)
+        groups = self.expert_groups(block)
+        if groups is None:
+            return list(range(k, n + 1))
+        n_group, topk_group = len(groups), self.router(block).topk_group
+        return [r for r in range(k, n + 1) if r % n_group == 0 and r // n_group >= self.min_group_size(block)
+                and (r // n_group) * topk_group >= k]
 
     def check_r(self, block: nn.Module, r: int) -> None:
         valid = self.valid_r(block)
         if r not in valid:
             e, k = self.num_experts(block), self.top_k(block)
+            groups = self.expert_groups(block)
+            why = f" in {len(groups)} routing groups (each group keeps r/{len(groups)})" if groups else ""
             raise InvalidExpertCountError(
-                f"--r {r} is not valid for {self.family} blocks with {e} experts and top-{k} routing; "
+                f"--r {r} is not valid for {self.family} blocks with {e} experts{why} and top-{k} routing; "
                 f"valid values: {_ranges(valid)}"
             )
 
@@ -166,6 +190,10 @@ class MoEAdapter:
         n = self.num_experts(block)
         if sorted(set(kept)) != list(kept) or not kept or kept[-1] >= n or kept[0] < 0:
             raise ValueError(f"kept experts must be sorted unique indices in [0, {n}), got {kept}")
+        groups = self.expert_groups(block)
+        if groups is not None and len({len(set(g) & set(kept)) for g in groups}) != 1:
+            raise ValueError(f"{self.family} routes within {len(groups)} expert groups: every group must keep the "
+                             f"same number of experts, got kept={kept}")
         index = torch.tensor(kept, dtype=torch.long)
         for module, names in ((self.router(block), self.router_per_expert), (self.experts(block), self.experts_per_expert)):
             for name in names:
@@ -206,11 +234,14 @@ def _ranges(values: list[int]) -> str:
 
 
 # ---- routing rules: pure functions of logits along the last dimension ---------------------
+# Each replicates a transformers 5.x router's arithmetic op for op (tests compare them with the
+# library's routers bit for bit), but works on any leading dimensions, so that the same rule
+# routes a batch of candidate kept sets at once: logits (..., tokens, experts).
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax over experts (float32), top-k, optional renormalisation over the k chosen.
 
-    This is Mixtral's router (and Qwen-MoE's / OLMoE's with norm_topk_prob). (..., E) -> (..., k).
+    Mixtral's router, and Qwen-MoE's / OLMoE's (with norm_topk_prob). (..., E) -> (..., k).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     w, i = torch.topk(probs, k, dim=-1)
@@ -219,19 +250,155 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
     return w, i
 
 
+def group_mask(group_scores: torch.Tensor, topk_group: int, group_size: int) -> torch.Tensor:
+    """(..., n_group) scores -> (..., n_group * group_size) bool mask of the experts in the top groups."""
+    idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    mask = torch.zeros_like(group_scores).scatter_(-1, idx, 1).bool()
+    return mask.unsqueeze(-1).expand(*mask.shape, group_size).reshape(*mask.shape[:-1], -1)
+
+
 class MixtralAdapter(MoEAdapter):
     def _route(self, block, logits, kept):
         return softmax_topk(logits, self.top_k(block), renormalize=True)
 
 
-MIXTRAL = MixtralAdapter(
-    family="mixtral",
-    module="transformers.models.mixtral.modeling_mixtral",
-    block_class="MixtralSparseMoeBlock",
-)
+class QwenMoeAdapter(MoEAdapter):
+    """Qwen2-MoE, Qwen3-MoE, OLMoE: softmax, top-k, optional renormalisation (norm_topk_prob),
+    weights cast back to the logits' dtype. Qwen2-MoE adds a sigmoid-gated shared expert."""
+
+    def renormalizes(self, block):
+        return bool(self.router(block).norm_topk_prob)
+
+    def _route(self, block, logits, kept):
+        w, i = softmax_topk(logits, self.top_k(block), renormalize=self.renormalizes(block))
+        return w.to(logits.dtype), i
+
+    def shared_output(self, block, x):
+        if not hasattr(block, "shared_expert"):
+            return None
+        return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+
+
+class DeepseekV2Adapter(MoEAdapter):
+    """softmax router, greedy or group-limited-greedy top-k (group score = max), routed_scaling_factor,
+    shared experts; weights are not renormalised."""
+
+    def renormalizes(self, block):
+        return False
+
+    def expert_groups(self, block):
+        g = self.router(block)
+        if g.topk_method != "group_limited_greedy":
+            return None
+        return _contiguous_groups(self.num_experts(block), g.num_group)
+
+    def _route(self, block, logits, kept):
+        g = self.router(block)
+        scores = logits.softmax(dim=-1, dtype=torch.float32)
+        if g.topk_method == "group_limited_greedy":
+            n = scores.shape[-1]
+            group_scores = scores.view(*scores.shape[:-1], g.num_group, n // g.num_group).max(dim=-1).values
+            scores = scores.masked_fill(~group_mask(group_scores, g.topk_group, n // g.num_group), 0.0)
+        w, i = torch.topk(scores, k=g.top_k, dim=-1, sorted=False)
+        return w * g.routed_scaling_factor, i
+
+    def shared_output(self, block, x):
+        return block.shared_experts(x)
+
+
+@dataclass(frozen=True)
+class DeepseekV3Adapter(MoEAdapter):
+    """DeepSeek-V3 and the families that share its router (GLM-4.5 / GLM4-MoE): sigmoid scores plus a
+    per-expert score-correction bias for the choice, group-limited top-k (group score = sum of the
+    group's top-2), weights from the unbiased scores, optional renormalisation, routed_scaling_factor,
+    shared experts."""
+
+    router_per_expert: tuple[str, ...] = ("weight", "e_score_correction_bias")
+
+    def renormalizes(self, block):
+        return bool(self.router(block).norm_topk_prob)
+
+    def expert_groups(self, block):
+        g = self.router(block)
+        return _contiguous_groups(self.num_experts(block), g.num_group) if g.num_group > 1 else None
+
+    def min_group_size(self, block):
+        return 2  # the group score takes each group's top-2
+
+    def choice_scores(self, block, logits, kept=None):
+        bias = self.router(block).e_score_correction_bias
+        if kept is not None:
+            bias = bias[kept].unsqueeze(-2) if kept.dim() == 2 else bias[kept]
+        return logits.float().sigmoid() + bias
+
+    def _route(self, block, logits, kept):
+        g = self.router(block)
+        scores = logits.float().sigmoid()
+        choice = self.choice_scores(block, logits, kept)
+        n = scores.shape[-1]
+        group_scores = choice.view(*choice.shape[:-1], g.num_group, n // g.num_group).topk(2, dim=-1)[0].sum(dim=-1)
+        choice = choice.masked_fill(~group_mask(group_scores, g.topk_group, n // g.num_group), float("-inf"))
+        i = torch.topk(choice, k=g.top_k, dim=-1, sorted=False)[1]
+        w = scores.gather(-1, i)
+        if g.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * g.routed_scaling_factor, i
+
+    def shared_output(self, block, x):
+        return block.shared_experts(x)
+
+
+class PhimoeAdapter(MoEAdapter):
+    """PhiMoE: the sparsemixer router (top-2; each weight a softmax over the logits within a relative
+    threshold of that choice). Routing calls the library's own `sparsemixer` in eval mode."""
+
+    def renormalizes(self, block):
+        return False
+
+    def _route(self, block, logits, kept):
+        from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+        g = self.router(block)
+        return sparsemixer(logits, jitter_eps=g.router_jitter_noise, training=False, top_k=g.top_k)
+
+    def _set_counts(self, block, r):
+        super()._set_counts(block, r)
+        self.router(block).out_features = r  # the router is an nn.Linear
+
+
+@dataclass(frozen=True)
+class GptOssAdapter(MoEAdapter):
+    """GPT-OSS: router with a bias, top-k on logits, softmax over the k chosen; experts with biases."""
+
+    router_per_expert: tuple[str, ...] = ("weight", "bias")
+    experts_per_expert: tuple[str, ...] = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+    def _route(self, block, logits, kept):
+        v, i = torch.topk(logits, self.top_k(block), dim=-1)
+        return torch.softmax(v, dim=-1, dtype=v.dtype), i
+
+
+def _contiguous_groups(n: int, n_group: int) -> list[list[int]]:
+    size = n // n_group
+    return [list(range(g * size, (g + 1) * size)) for g in range(n_group)]
+
+
+def _mod(name: str) -> str:
+    return f"transformers.models.{name}.modeling_{name}"
+
 
 # Registry: family name -> adapter. A new family is one more entry.
-ADAPTERS: dict[str, MoEAdapter] = {a.family: a for a in (MIXTRAL,)}
+ADAPTERS: dict[str, MoEAdapter] = {a.family: a for a in (
+    MixtralAdapter("mixtral", _mod("mixtral"), "MixtralSparseMoeBlock"),
+    QwenMoeAdapter("qwen2_moe", _mod("qwen2_moe"), "Qwen2MoeSparseMoeBlock", count_config_keys=("num_experts",)),
+    QwenMoeAdapter("qwen3_moe", _mod("qwen3_moe"), "Qwen3MoeSparseMoeBlock", count_config_keys=("num_experts",)),
+    QwenMoeAdapter("olmoe", _mod("olmoe"), "OlmoeSparseMoeBlock", count_config_keys=("num_experts",)),
+    DeepseekV2Adapter("deepseek_v2", _mod("deepseek_v2"), "DeepseekV2Moe", count_config_keys=("n_routed_experts",)),
+    DeepseekV3Adapter("deepseek_v3", _mod("deepseek_v3"), "DeepseekV3MoE", count_config_keys=("n_routed_experts",)),
+    DeepseekV3Adapter("glm4_moe", _mod("glm4_moe"), "Glm4MoeMoE", count_config_keys=("n_routed_experts",)),
+    PhimoeAdapter("phimoe", _mod("phimoe"), "PhimoeSparseMoeBlock", router_attr="router"),
+    GptOssAdapter("gpt_oss", _mod("gpt_oss"), "GptOssMLP", router_attr="router"),
+)}
 
 
 def supported_families() -> str:

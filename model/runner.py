@@ -1,8 +1,10 @@
 """One layer-by-layer runner for decoder-only models.
 
-The first decoder layer's inputs are captured once (a forward pre-hook stops the model
-right there), then each decoder layer in turn is moved to the compute device, run on
-every calibration batch, and moved back. Host memory holds one set of hidden states
+The inputs of the decoder layers are captured once: the first layer's hidden states and
+every layer's own keyword inputs (attention masks differ between sliding-window and full
+attention layers, e.g. GPT-OSS, Qwen2-MoE), by running the model with each layer's forward
+temporarily replaced by a recording identity. Then each decoder layer in turn is moved to
+the compute device, run on every calibration batch, and moved back. Host memory holds one set of hidden states
 (batches x tokens x hidden) instead of every layer's activations, and the GPU holds one
 layer at a time, so a model larger than the GPU can be calibrated on one GPU.
 (The pattern of sparsegpt's `*_sequential` and llm-compressor's sequential pipeline.)
@@ -26,22 +28,28 @@ class LayerBatch:
     """One calibration batch at the input of some decoder layer, kept on the offload device."""
 
     hidden: torch.Tensor  # (batch, seq, hidden)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # the layer's other inputs (mask, positions, rotary)
+    # Keyword inputs of every decoder layer for this batch (mask, positions, rotary), shared by all
+    # states of the batch; tensors that layers share are stored once.
+    layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Captured(Exception):
-    pass
+_DROP_KWARGS = ("past_key_values", "use_cache", "hidden_states")
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
+def _to(obj: Any, device: torch.device | str, memo: dict | None = None) -> Any:
+    """Move tensors in nested containers; `memo` keeps shared tensors shared."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.detach().to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -72,34 +80,40 @@ class LayerRunner:
         self.device = torch.device(device)
         self.offload = torch.device(offload_device)
         self.layers = decoder_layers(model)
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self.progress = progress
 
     @torch.no_grad()
     def capture(self, loader) -> list[LayerBatch]:
-        """Inputs of decoder layer 0 for every batch of `loader` (dicts with 'input_ids')."""
+        """Layer-0 hidden states and every layer's keyword inputs, for every batch of `loader`."""
         base = self.model.get_decoder()
-        others = [m for name, m in base.named_children() if m is not self.layers]
+        others = [m for m in base.children() if m is not self.layers]
         batches: list[LayerBatch] = []
+        current: dict = {}
 
-        def pre_hook(_mod, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "hidden_states")}
-            batches.append(LayerBatch(hidden.detach().to(self.offload), _to(kw, self.offload)))
-            raise _Captured
+        def recorder(idx: int):
+            def forward(hidden_states, *args, **kwargs):
+                if args:
+                    raise TypeError("decoder layers are expected to take keyword inputs besides hidden_states")
+                if idx == 0:
+                    current["hidden"] = hidden_states.detach().to(self.offload)
+                current["kwargs"][idx] = _to({k: v for k, v in kwargs.items() if k not in _DROP_KWARGS},
+                                             self.offload, current["memo"])
+                return hidden_states  # identity: the layer itself does not run
+            return forward
 
         for m in others:
             m.to(self.device)
-        handle = self.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
         try:
+            for idx, layer in enumerate(self.layers):
+                layer.forward = recorder(idx)  # instance attribute, deleted below
             for batch in tqdm(loader, desc="Embedding calibration batches", disable=not self.progress):
-                try:
-                    base(input_ids=batch["input_ids"].to(self.device), use_cache=False)
-                except _Captured:
-                    pass
-                else:  # pragma: no cover - the hook always fires
-                    raise RuntimeError("decoder layer 0 was never called")
+                current.update(kwargs=[None] * len(self.layers), memo={})
+                base(input_ids=batch["input_ids"].to(self.device), use_cache=False)
+                batches.append(LayerBatch(current["hidden"], current["kwargs"]))
         finally:
-            handle.remove()
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
             for m in others:
                 m.to(self.offload)
         return batches
@@ -117,9 +131,10 @@ class LayerRunner:
     @torch.no_grad()
     def forward(self, layer: nn.Module, batch: LayerBatch) -> LayerBatch:
         """Run `layer` on one batch; the output stays on the offload device."""
-        out = layer(batch.hidden.to(self.device), **_to(batch.kwargs, self.device))
+        kwargs = batch.layer_kwargs[self._index[id(layer)]]
+        out = layer(batch.hidden.to(self.device), **_to(kwargs, self.device, {}))
         out = out[0] if isinstance(out, tuple) else out
-        return LayerBatch(out.to(self.offload), batch.kwargs)
+        return LayerBatch(out.to(self.offload), batch.layer_kwargs)
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -3,7 +3,8 @@
 Two of transformers' own extension points do the work:
 
 1. A forward hook on each MoE layer's router applies the paper's rule to the router's
-   output: a token skips its 2nd expert when w2 < beta * w1. The skipped slot gets the
+   output: a token skips its 2nd expert when w2 < beta * w1 (for top-k routers, its j-th
+   expert when w_j < beta_j * w1, j = 2..k; betas are then lists). The skipped slot gets the
    expert-parallel sentinel index (== num_experts, "no expert") and weight 0, and the
    remaining weight is renormalised as the family's router does (Mixtral: w1 -> 1),
    which is what the paper's skipping block computes.
@@ -95,12 +96,16 @@ class DynamicSkipping:
         self.betas: dict[int, torch.Tensor] = {}
         for idx, (adapter, block) in self.blocks.items():
             k = adapter.top_k(block)
-            if k != 2:
-                raise UnsupportedRoutingError(
-                    f"dynamic skipping is defined for top-2 routing (paper Sec. 3.2); layer {idx} routes to top-{k}")
+            if k < 2:
+                raise UnsupportedRoutingError(f"layer {idx} routes each token to one expert: nothing to skip")
             if str(idx) not in betas:
                 raise ValueError(f"`betas` has no entry for MoE layer {idx} (has {sorted(betas, key=int)})")
-            self.betas[idx] = torch.tensor([float(betas[str(idx)])], dtype=torch.float32)
+            value = betas[str(idx)]
+            value = [value] if isinstance(value, (int, float)) else list(value)
+            if len(value) != k - 1:
+                raise ValueError(f"layer {idx} routes to top-{k}: its `betas` entry needs {k - 1} thresholds "
+                                 f"(ranks 2..{k}), got {len(value)}; recalibrate with --method dynamic_skipping")
+            self.betas[idx] = torch.tensor([float(v) for v in value], dtype=torch.float32)
         self._handles: list = []
         self._base: str | None = None
         self.reset_stats()
@@ -160,7 +165,10 @@ class DynamicSkipping:
         self._skipped = {idx: 0 for idx in self.blocks}
 
     def stats(self) -> dict:
-        """Fraction of routed tokens that skipped their 2nd expert, per MoE layer and overall."""
+        """Skipped (token, expert) slots over routed tokens, per MoE layer and overall.
+
+        For top-2 routers this is the fraction of tokens that skipped their 2nd expert.
+        """
         layers = {}
         for idx in self.blocks:
             t, s = int(self._tokens[idx]), int(self._skipped[idx])

@@ -203,8 +203,44 @@ def test_model_without_betas(model_dir):
         DynamicSkipping(model, {"0": 0.5})
 
 
-def test_top_k_other_than_two_is_refused(tmp_path):
+def test_top_k_skipping_generalises_the_rule(tmp_path):
+    """Top-3: skip the j-th ranked expert when w_j < beta_j * w_1 (reference written here), renormalise."""
     path = save_model(tiny_mixtral_config(vocab_size=256, top_k=3), tmp_path / "k3")
+    betas = {"0": [0.6, 0.4], "1": [0.5, 0.5]}
+
+    def reference(block, h, b):
+        shape = h.shape
+        flat = h.reshape(-1, shape[-1])
+        p = torch.softmax(F.linear(flat, block.gate.weight).float(), dim=-1)
+        w, i = torch.topk(p, 3, dim=-1)  # sorted: rank j is column j
+        w = w / w.sum(dim=-1, keepdim=True)
+        skip = torch.zeros_like(w, dtype=torch.bool)
+        skip[:, 1] = w[:, 1] < b[0] * w[:, 0]
+        skip[:, 2] = w[:, 2] < b[1] * w[:, 0]
+        w = torch.where(skip, 0.0, w)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return block.experts(flat, i, w).reshape(shape), int(skip.sum())
+
+    x = ids()
+    counts = []
+    plain = fresh(path, "eager")
+    hooks = [layer.mlp.register_forward_hook(
+        lambda m, a, o, b=betas[str(n)]: counts.append(reference(m, a[0], b)[1]) or reference(m, a[0], b)[0])
+        for n, layer in enumerate(plain.model.layers)]
+    with torch.no_grad():
+        expected = plain(x).logits
+    for h in hooks:
+        h.remove()
     model = fresh(path, "eager")
-    with pytest.raises(UnsupportedRoutingError, match="top-2 .* top-3"):
+    with DynamicSkipping(model, betas) as skip, torch.no_grad():
+        got = model(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert skip.stats()["skipped"] == sum(counts) > 0
+    with pytest.raises(ValueError, match="needs 2 thresholds"):
         DynamicSkipping(model, {"0": 0.5, "1": 0.5})
+
+
+def test_top_1_has_nothing_to_skip(tmp_path):
+    path = save_model(tiny_mixtral_config(vocab_size=256, top_k=1), tmp_path / "k1")
+    with pytest.raises(UnsupportedRoutingError, match="one expert"):
+        DynamicSkipping(fresh(path, "eager"), {"0": 0.5, "1": 0.5})

@@ -1,0 +1,204 @@
+"""Every supported MoE family, on tiny random models built from the real transformers configs (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from data import make_loader
+from main import RunConfig
+from method import METHODS
+from model import DynamicSkipping
+from model.adapters import InvalidExpertCountError, find_moe_blocks
+
+from families import FAMILIES, family_config
+
+GROUPED = {"deepseek_v2": 2, "deepseek_v3": 2}  # families whose tiny config routes within 2 expert groups
+COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def build(family, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, **kw)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(r"\.(gate|router)\.weight$", name):
+                p.mul_(25.0)  # peakier routing than the 0.02-std init, so experts differ clearly
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(0.0, 0.1)
+    return model
+
+
+def loader(n_blocks=6, seq=24, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return make_loader(torch.randint(3, 512, (n_blocks, seq), generator=g), batch)
+
+
+def run_cfg(method, r, **kw):
+    return RunConfig(method=method, calib_set="c4", model_path="x", r=r, device="cpu", dtype="float32", **kw)
+
+
+def record(model, batches):
+    """(MoE input, MoE output) per MoE layer per batch, from one full-model forward."""
+    blocks = find_moe_blocks(model)
+    rec = {idx: [] for idx in blocks}
+    hooks = [b.register_forward_hook(
+        lambda m, a, o, i=idx: rec[i].append((a[0].detach(), (o[0] if isinstance(o, tuple) else o).detach())))
+        for idx, (_, b) in blocks.items()]
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch["input_ids"])
+    for h in hooks:
+        h.remove()
+    return rec
+
+
+def library_pruned_block(block, config, kept):
+    """Reference: the library's own block class built for len(kept) experts, loaded (strictly) with the
+    original tensors sliced along every dimension of size n_experts that comes first."""
+    n = block.experts.num_experts
+    cfg = copy.deepcopy(config)
+    for key in COUNT_KEYS:
+        if hasattr(cfg, key):
+            setattr(cfg, key, len(kept))
+    new = type(block)(cfg)
+    idx = torch.tensor(kept)
+    new.load_state_dict({k: v.index_select(0, idx) if v.dim() and v.shape[0] == n else v
+                         for k, v in block.state_dict().items()}, strict=True)
+    return new.eval()
+
+
+def candidate_drops(family, n=8, r=6):
+    if family not in GROUPED:
+        return list(itertools.combinations(range(n), n - r))
+    size = n // GROUPED[family]
+    per = (n - r) // GROUPED[family]
+    groups = [range(g * size, (g + 1) * size) for g in range(GROUPED[family])]
+    return [tuple(sorted(itertools.chain(*p))) for p in itertools.product(*(itertools.combinations(g, per)
+                                                                            for g in groups))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routing_replica_matches_library_router(family):
+    model = build(family)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    for adapter, block in find_moe_blocks(model).values():
+        logits, w, i = adapter.router(block)(x)
+        w2, i2 = adapter.route(block, logits)
+        assert torch.equal(i2, i) and torch.equal(w2, w)
+        # With experts removed: the same as the library router of a pruned block.
+        for drop in candidate_drops(family)[:6]:
+            kept = [e for e in range(8) if e not in drop]
+            ref = library_pruned_block(block, model.config, kept)
+            _, w_ref, i_ref = adapter.router(ref)(x)
+            w3, i3 = adapter.route(block, logits, torch.tensor(kept))
+            assert torch.equal(i3, torch.tensor(kept)[i_ref]) and torch.equal(w3, w_ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_exhaustive_search_equals_brute_force(family):
+    model = build(family)
+    calib = loader()
+    rec = record(model, calib)
+    expected = {}
+    for idx, (_, block) in find_moe_blocks(model).items():
+        losses = {}
+        for drop in candidate_drops(family):
+            ref = library_pruned_block(block, model.config, [e for e in range(8) if e not in drop])
+            total = 0.0
+            with torch.no_grad():
+                for x, z in rec[idx]:
+                    out = ref(x)
+                    out = out[0] if isinstance(out, tuple) else out
+                    total += torch.linalg.norm((z.double() - out.double()).reshape(-1)).item()
+            losses[drop] = total
+        expected[idx] = losses
+    _, info = METHODS["layerwise_pruning"](model, calib, run_cfg("layerwise_pruning", 6, search="exhaustive"))
+    for idx, losses in expected.items():
+        got = info["layers"][str(idx)]
+        # The objective to 1e-6 of the layer's loss scale. Drop sets whose experts no calibration token
+        # reaches have loss 0 up to rounding: they are true ties, any of them is optimal.
+        tol = 1e-6 * max(losses.values())
+        assert set(got["loss"]) == {",".join(map(str, d)) for d in losses}
+        for d, v in losses.items():
+            assert got["loss"][",".join(map(str, d))] == pytest.approx(v, rel=1e-6, abs=tol)
+        optimal = [list(d) for d, v in losses.items() if v <= min(losses.values()) + tol]
+        assert got["dropped_experts"] in optimal, idx
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_keeps_the_rest_and_reloads(family, tmp_path):
+    model = build(family)
+    original = copy.deepcopy(model).state_dict()
+    pruned, info = METHODS["layerwise_pruning"](model, loader(), run_cfg("layerwise_pruning", 6))
+    assert set(info["layers"]) == {str(i) for i in find_moe_blocks(pruned)}
+    for key, value in pruned.state_dict().items():
+        ref = original[key]
+        if value.shape != ref.shape:  # a per-expert tensor: the kept experts' slices, untouched
+            layer = re.search(r"layers\.(\d+)\.", key).group(1)
+            ref = ref.index_select(0, torch.tensor(info["layers"][layer]["kept_experts"]))
+        assert torch.equal(value, ref), key
+    for adapter, block in find_moe_blocks(pruned).values():
+        assert adapter.num_experts(block) == 6 and adapter.router(block).num_experts == 6
+    assert [getattr(pruned.config, k) for k in COUNT_KEYS if hasattr(pruned.config, k)] != []
+    assert all(getattr(pruned.config, k) == 6 for k in COUNT_KEYS if hasattr(pruned.config, k))
+
+    pruned.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    ids = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, pruned(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keeping_all_experts_and_beta_zero_change_nothing(family):
+    model = build(family)
+    ids = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model, info = METHODS["layerwise_pruning"](model, loader(), run_cfg("layerwise_pruning", 8))
+    assert all(v["dropped_experts"] == [] for v in info["layers"].values())
+    k = family_config(family).num_experts_per_tok
+    zero = {str(i): (0.0 if k == 2 else [0.0] * (k - 1)) for i in find_moe_blocks(model)}
+    with DynamicSkipping(model, zero) as skip, torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+        assert skip.stats()["skipped"] == 0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+
+
+def test_group_constraint_names_valid_values():
+    model = build("deepseek_v3")
+    with pytest.raises(InvalidExpertCountError, match=r"--r 5 .* 8 experts in 2 routing groups .* valid values: 4, 6, 8"):
+        METHODS["layerwise_pruning"](model, loader(), run_cfg("layerwise_pruning", 5))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runner_layer_io_equals_full_forward(family):
+    """Per-layer MoE inputs/outputs of the layer-by-layer runner equal one full forward's (GPT-OSS mixes
+    sliding-window and full-attention layers, DeepSeek-V3 has a dense first layer)."""
+    from model.runner import LayerRunner, capture_io
+
+    model = build(family)
+    calib = loader()
+    expected = record(model, calib)
+    blocks = find_moe_blocks(model)
+    runner = LayerRunner(model, "cpu", progress=False)
+    states = runner.capture(calib)
+    for idx, layer in runner.iter_layers(desc="test"):
+        new_states = []
+        for b, state in enumerate(states):
+            if idx not in blocks:
+                new_states.append(runner.forward(layer, state))
+                continue
+            with capture_io(blocks[idx][1]) as io:
+                new_states.append(runner.forward(layer, state))
+            assert torch.equal(io["inputs"][0], expected[idx][b][0])
+            assert torch.equal(io["outputs"][0], expected[idx][b][1])
+        states = new_states
