@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -88,17 +89,36 @@ def slots_from_mask(needed: torch.Tensor) -> torch.Tensor:
     return torch.where(needed, pos, torch.full_like(pos, -1))
 
 
+@contextmanager
+def _tf32(enabled: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def token_stats(y: torch.Tensor, token_idx: torch.Tensor, slot_idx: torch.Tensor, n_tokens: int,
                 n_slots: int, target: torch.Tensor, slot: torch.Tensor) -> TokenStats:
     """Inner products of expert outputs and target.
 
-    y:          (N, H) output of expert pair n on its token (any float dtype)
+    y:          (N, H) output of expert pair n on its token, in the model dtype
     token_idx:  (N,) token of pair n; slot_idx: (N,) its slot
     target:     (T, H) float64 target of the routed experts
+
+    The Gram matrix (the T * M^2 * H part) is computed in float64 for float32 models. For
+    bfloat16/float16 models it is computed in float32 with TF32 on GPUs: the outputs have
+    at most 10 mantissa bits, so TF32 products are exact and only the float32 accumulation
+    rounds (~1e-6 relative, below the model dtype's own rounding); the rest is float64.
     """
-    ys = torch.zeros(n_tokens, n_slots, y.shape[-1], dtype=torch.float64, device=y.device)
-    ys[token_idx, slot_idx] = y.to(torch.float64)
-    gram = ys @ ys.transpose(1, 2)  # (T, M, M)
+    half = y.dtype in (torch.bfloat16, torch.float16)
+    ys = torch.zeros(n_tokens, n_slots, y.shape[-1], dtype=torch.float32 if half else torch.float64,
+                     device=y.device)
+    ys[token_idx, slot_idx] = y.to(ys.dtype)
+    with _tf32(half):
+        gram = (ys @ ys.transpose(1, 2)).to(torch.float64)  # (T, M, M)
+    ys = ys.to(torch.float64)
     cross = (ys @ target.unsqueeze(-1)).squeeze(-1)  # (T, M)
     z2 = (target * target).sum(-1)  # (T,)
     return TokenStats(slot=slot, gram=gram, cross=cross, z2=z2)
@@ -169,8 +189,12 @@ class _LayerSearch:
             target = target - shared.to(torch.float64)
         return x, target, self.adapter.router_logits(self.block, x)  # logits: (T, E)
 
+    def _slots_bound(self) -> int:
+        """Most experts computed per token (the exhaustive search may need all of them)."""
+        return self.n
+
     def _token_chunks(self, n_tok: int, hidden: int):
-        step = max(1, min(n_tok, _BYTES_PER_CHUNK // (self.n * hidden * 8)))
+        step = max(1, min(n_tok, _BYTES_PER_CHUNK // (self._slots_bound() * hidden * 8)))
         for t0 in range(0, n_tok, step):
             yield slice(t0, min(n_tok, t0 + step))
 
@@ -256,6 +280,10 @@ class BeamSearch(_LayerSearch):
     """
 
     method = "beam"
+
+    def _slots_bound(self) -> int:
+        n_drop, groups = self.n - self.r, self.groups or [range(self.n)]
+        return sum(min(len(g), n_drop // len(groups) + self.k) for g in groups)
 
     def __init__(self, adapter, block, r: int, beam_width: int = 4, swap_rounds: int = 4,
                  store_device: torch.device | str | None = None):

@@ -9,9 +9,11 @@ Two of transformers' own extension points do the work:
    remaining weight is renormalised as the family's router does (Mixtral: w1 -> 1),
    which is what the paper's skipping block computes.
 2. An experts implementation registered in `ExpertsInterface` ("skip+<base>", e.g.
-   "skip+grouped_mm") drops the sentinel slots before calling the base implementation,
-   so a skipped expert never sees the token: tokens are grouped by their number of
-   active experts and each group goes through the base kernel with that top-k.
+   "skip+eager") drops the sentinel slots before calling the base implementation, so a
+   skipped expert never sees the token: tokens are grouped by their number of active
+   experts and each group goes through the base kernel with that top-k. transformers'
+   grouped_mm already leaves sentinel slots out of its GEMMs (its expert-parallel
+   support), so "skip+grouped_mm" hands them to it unchanged.
 
 `DynamicSkipping` owns the hooks and the implementation switch: `enable()` / `disable()`
 (or use it as a context manager) and `stats()` for skip rates.
@@ -35,7 +37,19 @@ def _base_forward(module: nn.Module, base: str):
     return ALL_EXPERTS_FUNCTIONS[base]
 
 
+# Implementations that already leave sentinel slots out of the GEMMs (transformers' expert-parallel
+# support): skipped slots pass straight through, with no host sync and no regrouping.
+_SENTINEL_AWARE = ("grouped_mm",)
+
+
 def _make_skipping_experts_forward(base: str):
+    if base in _SENTINEL_AWARE:
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return ALL_EXPERTS_FUNCTIONS[base](self, hidden_states, top_k_index, top_k_weights)
+
+        forward.__name__ = f"skipping_{base}_experts_forward"
+        return forward
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         run = _base_forward(self, base)
         active = top_k_index < self.num_experts  # (tokens, k); sentinel slots are skipped
