@@ -1,0 +1,531 @@
+"""Generation speed benchmark (the paper's Sec. 4.4 speed-up measurements).
+
+Each Alpaca prompt is generated on its own (batch size 1) for exactly --max_new_tokens
+tokens (EOS is banned until then), and the speed is total generated tokens / total
+generation seconds, as in the original code. Checkpoints with `betas` in their config
+run with dynamic skipping on.
+
+    python eval/benchmark_speed.py --model_name_or_path Mixtral-8x7B-v0.1 --output speed.json
+    python eval/benchmark_speed.py --random_init mixtral-8x7b --set num_local_experts=6 --output r6.json
+
+--random_init builds a model of a real shape with random weights (no checkpoint needed):
+prompts then come from the Alpaca file when --tokenizer_name_or_path is given, and are
+random token ids of --prompt_len tokens otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # so that `python eval/benchmark_speed.py` finds the repo's packages
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, MixtralConfig  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList, set_seed  # noqa: E402
+
+from model import DynamicSkipping, load_model  # noqa: E402
+from model.adapters import MoEError, find_moe_blocks  # noqa: E402
+
+logger = logging.getLogger("benchmark_speed")
+
+DEFAULT_DATA = "data/alpaca_data_cleaned.json"
+DATA_URL = "https://huggingface.co/datasets/yahma/alpaca-cleaned"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
+GIB = 2**30
+
+# Shapes of the released checkpoints' config.json (weights are random).
+PRESETS = {
+    # MixtralConfig's defaults are the 8x7B shape; the release has 32k positions.
+    "mixtral-8x7b": dict(max_position_embeddings=32768),
+    "mixtral-8x22b": dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
+                          num_key_value_heads=8, vocab_size=32768, max_position_embeddings=65536),
+}
+
+
+class UsageError(Exception):
+    """Bad flags or missing files: reported as one line on stderr, exit code 2, nothing written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model (the original script's flags)")
+    src.add_argument("--model_name_or_path", default="Mixtral-8x7B-v0.1",
+                     help="checkpoint folder or hub id (default: Mixtral-8x7B-v0.1)")
+    src.add_argument("--tokenizer_name_or_path", default=None,
+                     help="tokenizer to use (default: the checkpoint's); with --random_init, omit it to use "
+                          "random prompt ids")
+    src.add_argument("--trust_remote_code", action="store_true", help="allow custom code from the checkpoint")
+    src.add_argument("--use_fast_tokenizer", action="store_true",
+                     help="kept for compatibility: transformers 5 always loads the fast tokenizer")
+    src.add_argument("--per_gpu_max_memory", type=int, default=None,
+                     help="GiB per GPU for accelerate's device map (needs --device auto)")
+    src.add_argument("--cpu_max_memory", type=int, default=None,
+                     help="GiB of host memory for accelerate's device map (needs --device auto)")
+
+    gen = p.add_argument_group("generation (the original script's flags)")
+    gen.add_argument("--num_samples", type=int, default=10, help="number of Alpaca prompts (default: 10)")
+    gen.add_argument("--max_new_tokens", type=int, default=512,
+                     help="tokens generated per prompt, exactly: EOS is banned until then (default: 512)")
+    gen.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--num_beams", type=int, default=1,
+                     help="beams; all of them are returned and counted, as the original did (default: 1)")
+
+    new = p.add_argument_group("added")
+    new.add_argument("--data_path", default=None,
+                     help=f"Alpaca JSON array of {{instruction, input, output}} (default: {DEFAULT_DATA} under the "
+                          f"repo root; get alpaca_data_cleaned.json from {DATA_URL})")
+    new.add_argument("--prompt_with_output", action="store_true",
+                     help="feed prompt + reference output, as the original script's inputs were (default: prompt)")
+    new.add_argument("--device", default=None,
+                     help="cuda, cuda:N, cpu, or auto (accelerate's device map over all GPUs); default: the GPU "
+                          "when there is one")
+    new.add_argument("--dtype", default=None, choices=list(DTYPES),
+                     help="default: bfloat16 on GPU (as the paper), float32 on CPU; auto = the checkpoint's")
+    new.add_argument("--experts_implementation", default=None, choices=["eager", "grouped_mm", "batched_mm"],
+                     help="transformers' experts kernel (default: transformers' choice)")
+    new.add_argument("--attn_implementation", default=None,
+                     help="e.g. sdpa, eager, flash_attention_2 (the original used flash_attention_2); "
+                          "default: transformers' choice")
+    new.add_argument("--seed", type=int, default=0,
+                     help="seed of the prompt sample (the original's random.seed(0)), sampling and random init")
+    new.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations (default: 1)")
+    new.add_argument("--no_skipping", action="store_true", help="ignore the checkpoint's betas")
+    new.add_argument("--betas", default=None,
+                     help="dynamic skipping with this beta in every MoE layer, or a JSON dict "
+                          "{\"<layer index>\": beta}; overrides a checkpoint's betas")
+    new.add_argument("--random_init", default=None, metavar="CONFIG",
+                     help=f"random weights of this shape instead of a checkpoint: a config.json (or its folder) or "
+                          f"a preset ({', '.join(PRESETS)})")
+    new.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a --random_init config entry (JSON value), e.g. num_local_experts=6; repeatable")
+    new.add_argument("--prompt_len", type=int, default=128,
+                     help="length of the random prompts used with --random_init and no tokenizer (default: 128)")
+    new.add_argument("--output", default=None, metavar="FILE.json", help="write every measurement here")
+    return p
+
+
+# ---- arguments ---------------------------------------------------------------------------
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("num_samples", "max_new_tokens", "num_beams", "prompt_len"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.overrides and not args.random_init:
+        raise UsageError("--set changes the shape of a --random_init model; a checkpoint's shape is fixed")
+    if args.betas is not None and args.no_skipping:
+        raise UsageError("--betas and --no_skipping contradict each other")
+    if (args.per_gpu_max_memory or args.cpu_max_memory) and args.device != "auto":
+        raise UsageError("--per_gpu_max_memory/--cpu_max_memory set accelerate's device map: add --device auto")
+    if args.random_init and args.device == "auto":
+        raise UsageError("--random_init builds the model on one device: use --device cuda, cuda:N or cpu")
+    if args.random_init and args.dtype == "auto":
+        raise UsageError("--dtype auto means the checkpoint's dtype; --random_init needs a dtype")
+
+
+def resolve_device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cuda, cuda:N, cpu or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return str(device)
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype | str:
+    if name is None:
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return DTYPES[name]
+
+
+def data_file(args: argparse.Namespace) -> Path:
+    path = Path(args.data_path) if args.data_path else REPO / DEFAULT_DATA
+    if not path.is_file():
+        raise UsageError(f"Alpaca data file {path} not found: download alpaca_data_cleaned.json from {DATA_URL} "
+                         f"to {REPO / DEFAULT_DATA} or pass --data_path")
+    return path
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string, e.g. --set hidden_act=silu
+    return out
+
+
+def parse_betas(text: str | None) -> float | dict | None:
+    if text is None:
+        return None
+    try:
+        betas = json.loads(text)
+    except json.JSONDecodeError:
+        raise UsageError(f"--betas {text!r} is neither a number nor a JSON dict") from None
+    if isinstance(betas, (int, float)) and not isinstance(betas, bool):
+        return float(betas)
+    if isinstance(betas, dict):
+        return betas
+    raise UsageError(f"--betas {text!r} is neither a number nor a JSON dict")
+
+
+# ---- model -------------------------------------------------------------------------------
+
+
+def random_init_config(spec: str, overrides: dict) -> transformers.PreTrainedConfig:
+    if spec in PRESETS:
+        config = MixtralConfig(**PRESETS[spec])
+    else:
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--random_init {spec}: not a preset ({', '.join(PRESETS)}) nor a readable config: "
+                             f"{str(e).splitlines()[0]}") from None
+    entries = config.to_dict()
+    unknown = sorted(set(overrides) - set(entries))
+    if unknown:
+        raise UsageError(f"--set {', '.join(unknown)}: not in the {config.model_type} config")
+    # Rebuild rather than setattr, so that entries derived in __init__ follow the overrides.
+    try:
+        return type(config).from_dict({**entries, **overrides})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--set gives an invalid {config.model_type} config: {e}") from None
+
+
+def build_random_model(config, device: str, dtype: torch.dtype, impl_kwargs: dict):
+    """A model of this shape with transformers' own random init (normal(0, initializer_range)).
+
+    Built directly on the device: every weight is allocated and initialised there in
+    `dtype` (fast on a GPU, no host copy), and buffers such as RoPE's inv_freq are
+    computed by the modules' own __init__, so they are exactly a loaded model's.
+    """
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **impl_kwargs)
+    return model.eval()
+
+
+def load(args: argparse.Namespace, device: str, dtype) -> tuple:
+    """Model and tokenizer (None for random prompts), from a checkpoint or --random_init."""
+    impl_kwargs = {k: v for k, v in (("experts_implementation", args.experts_implementation),
+                                     ("attn_implementation", args.attn_implementation)) if v is not None}
+    if args.random_init:
+        config = random_init_config(args.random_init, parse_overrides(args.overrides))
+        model = build_random_model(config, device, dtype, impl_kwargs)
+        model.dynamic_skipping = None
+        tokenizer = None
+        if args.tokenizer_name_or_path:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path,
+                                                      trust_remote_code=args.trust_remote_code)
+        return model, tokenizer
+    kwargs = dict(impl_kwargs)
+    if args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    max_memory = {i: f"{args.per_gpu_max_memory}GiB" for i in range(torch.cuda.device_count())
+                  if args.per_gpu_max_memory}
+    if args.cpu_max_memory:
+        max_memory["cpu"] = f"{args.cpu_max_memory}GiB"
+    if max_memory:
+        kwargs["max_memory"] = max_memory
+    skipping = not args.no_skipping and args.betas is None  # --betas replaces the checkpoint's betas later
+    try:
+        return load_model(args.model_name_or_path, device=device, dtype=dtype, skipping=skipping,
+                          tokenizer_path=args.tokenizer_name_or_path, **kwargs)
+    except OSError as e:  # no such folder / hub id (the hub is not reachable offline)
+        raise UsageError(f"cannot load --model_name_or_path {args.model_name_or_path}: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def enable_betas(model, betas: float | dict) -> dict:
+    """Switch dynamic skipping on with these betas; returns them as a per-layer dict."""
+    try:
+        if isinstance(betas, float):  # one threshold per skippable rank (ranks 2..k) of every MoE layer
+            betas = {str(i): betas if a.top_k(b) == 2 else [betas] * (a.top_k(b) - 1)
+                     for i, (a, b) in find_moe_blocks(model).items()}
+        model.dynamic_skipping = DynamicSkipping(model, betas).enable()
+        return betas
+    except ValueError as e:  # includes MoEError (e.g. top-1 routing)
+        raise UsageError(f"--betas: {e}") from None
+
+
+# ---- prompts -----------------------------------------------------------------------------
+
+
+def alpaca_prompt(example: dict, with_output: bool) -> str:
+    if example.get("input"):
+        prompt = f"Instruction:\n{example['instruction']}\nInput:\n{example['input']}\nOutput:\n"
+    else:
+        prompt = f"Instruction:\n{example['instruction']}\nOutput:\n"
+    return prompt + example["output"] if with_output else prompt
+
+
+def alpaca_prompts(path: Path, tokenizer, args: argparse.Namespace) -> tuple[list[torch.Tensor], int]:
+    """The original's sample: random.seed(seed); random.sample(data, k); too-long prompts dropped.
+
+    Returns the token ids of the kept prompts and the number dropped.
+    """
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    examples = random.Random(args.seed).sample(data, k=min(args.num_samples, len(data)))
+    limit = tokenizer.model_max_length - args.max_new_tokens
+    kept = []
+    for ex in examples:
+        if len(tokenizer(alpaca_prompt(ex, with_output=False))["input_ids"]) >= limit:
+            continue
+        ids = tokenizer(alpaca_prompt(ex, args.prompt_with_output))["input_ids"][: tokenizer.model_max_length]
+        kept.append(torch.tensor(ids, dtype=torch.long))
+    return kept, len(examples) - len(kept)
+
+
+def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(vocab_size, (length,), generator=gen) for _ in range(n)]
+
+
+def check_prompts(prompts: list[torch.Tensor], model, max_new_tokens: int) -> None:
+    if not prompts:
+        raise UsageError("no prompt is short enough for --max_new_tokens; lower it")
+    vocab = model.config.get_text_config().vocab_size
+    if max(int(p.max()) for p in prompts) >= vocab:
+        raise UsageError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab}); "
+                         "use the model's tokenizer")
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if positions and longest > positions:
+        raise UsageError(f"prompt + --max_new_tokens reaches {longest} tokens, "
+                         f"beyond the model's {positions} positions")
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+
+def model_gpus(model) -> list[int]:
+    """Indices of the GPUs holding the model's weights (several with --device auto)."""
+    return sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+
+
+def clock(gpus: list[int]) -> float:
+    """Wall time after the GPUs' queued work is done (CUDA kernels run asynchronously)."""
+    for i in gpus:
+        torch.cuda.synchronize(i)
+    return time.perf_counter()
+
+
+class FirstTokenTimer(LogitsProcessor):
+    """Records when the first new token's logits exist, i.e. the end of the prefill forward.
+
+    Logits processors run once per step, right after the step's forward pass, so the first
+    call marks the prefill's end; the synchronisation happens only there.
+    """
+
+    def __init__(self, gpus: list[int]):
+        self.gpus = gpus
+        self.time: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.time is None:
+            self.time = clock(self.gpus)
+        return scores
+
+
+def generation_config(args: argparse.Namespace, model, tokenizer) -> GenerationConfig:
+    eos = tokenizer.eos_token_id if tokenizer is not None else model.generation_config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer is not None else model.config.get_text_config().pad_token_id
+    if pad is None:  # as the original: pad with EOS
+        pad = eos if eos is not None else 0
+    return GenerationConfig(
+        num_beams=args.num_beams, num_return_sequences=args.num_beams, do_sample=args.do_sample,
+        # min_new_tokens == max_new_tokens bans EOS until the last token: fixed-length outputs.
+        min_new_tokens=args.max_new_tokens, max_new_tokens=args.max_new_tokens,
+        eos_token_id=eos, pad_token_id=pad)
+
+
+def generate_one(model, input_ids: torch.Tensor, config: GenerationConfig, gpus: list[int]) -> dict:
+    """One timed generation; `seconds` spans the whole generate() call."""
+    input_ids = input_ids.unsqueeze(0).to(model.device)
+    timer = FirstTokenTimer(gpus)
+    start = clock(gpus)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                         logits_processor=LogitsProcessorList([timer]))
+    end = clock(gpus)
+    new_tokens = out.shape[1] - input_ids.shape[1]
+    if out.shape[0] != config.num_return_sequences or new_tokens != config.max_new_tokens:
+        raise AssertionError(f"generated {out.shape[0]} x {new_tokens} tokens, expected "
+                             f"{config.num_return_sequences} x {config.max_new_tokens}")
+    tokens = out.shape[0] * new_tokens
+    seconds, ttft = end - start, timer.time - start
+    decode_tokens = out.shape[0] * (new_tokens - 1)  # every token but the one the prefill's logits give
+    return {"prompt_tokens": int(input_ids.shape[1]), "generated_tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "ttft_s": ttft, "decode_tokens": decode_tokens,
+            "decode_seconds": seconds - ttft,
+            "decode_tokens_per_s": decode_tokens / (seconds - ttft) if decode_tokens else None}
+
+
+def run_samples(model, prompts: list[torch.Tensor], config: GenerationConfig, warmup: int,
+                gpus: list[int]) -> list[dict]:
+    for i in range(warmup):  # kernels, allocator and caches warm; not measured
+        generate_one(model, prompts[i % len(prompts)], config, gpus)
+    if model.dynamic_skipping is not None:
+        model.dynamic_skipping.reset_stats()
+    for i in gpus:
+        torch.cuda.reset_peak_memory_stats(i)
+    samples = []
+    bar = tqdm(prompts, desc="generating", unit="sample")
+    for ids in bar:
+        samples.append(generate_one(model, ids, config, gpus))
+        bar.set_postfix(tokens=samples[-1]["generated_tokens"], speed=f"{samples[-1]['tokens_per_s']:.2f} tok/s")
+    return samples
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def summarize(samples: list[dict]) -> dict:
+    tokens = sum(s["generated_tokens"] for s in samples)
+    seconds = sum(s["seconds"] for s in samples)
+    decode_tokens = sum(s["decode_tokens"] for s in samples)
+    decode_seconds = sum(s["decode_seconds"] for s in samples)
+    return {"tokens_per_s": tokens / seconds, "total_tokens": tokens, "total_seconds": seconds,
+            "mean_ttft_s": sum(s["ttft_s"] for s in samples) / len(samples),
+            "decode_tokens_per_s": decode_tokens / decode_seconds if decode_tokens else None}
+
+
+def gpu_memory(gpus: list[int]) -> dict | None:
+    if not gpus:
+        return None
+    devices = [f"cuda:{i}" for i in gpus]
+    return {"max_allocated_gib": {d: torch.cuda.max_memory_allocated(d) / GIB for d in devices},
+            "max_reserved_gib": {d: torch.cuda.max_memory_reserved(d) / GIB for d in devices}}
+
+
+def model_shape(model) -> dict:
+    cfg = model.config.get_text_config()
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts",
+            "num_experts_per_tok", "max_position_embeddings")
+    shape = {k: getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None}
+    try:
+        blocks = find_moe_blocks(model)
+        shape["moe_layers"] = {str(i): {"experts": a.num_experts(b), "top_k": a.top_k(b)}
+                               for i, (a, b) in blocks.items()}
+    except MoEError:
+        shape["moe_layers"] = {}  # a dense model: still benchmarkable
+    return shape
+
+
+def environment(device: str, gpus: list[int]) -> dict:
+    if gpus:
+        name = [torch.cuda.get_device_name(i) for i in gpus]
+    else:
+        name = platform.processor() or platform.machine()
+    return {"device": device, "device_name": name, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def skipping_report(model) -> dict | None:
+    ctrl = model.dynamic_skipping
+    if ctrl is None:
+        return None
+    return {"betas": model.config.betas, **ctrl.stats()}
+
+
+def print_summary(result: dict) -> None:
+    print(f"{result['num_samples']} samples x {result['args']['max_new_tokens']} new tokens: "
+          f"{result['tokens_per_s']:.2f} tokens/s ({result['total_tokens']} tokens in {result['total_seconds']:.2f} s)")
+    decode = result["decode_tokens_per_s"]
+    print(f"mean time to first token {result['mean_ttft_s'] * 1000:.1f} ms"
+          + (f", decode {decode:.2f} tokens/s" if decode else ""))
+    if result["skipping"]:
+        print(f"skip rate {result['skipping']['skip_rate']:.4f}")
+    if result["gpu_memory"]:
+        alloc = sum(result["gpu_memory"]["max_allocated_gib"].values())
+        reserved = sum(result["gpu_memory"]["max_reserved_gib"].values())
+        print(f"peak GPU memory: {alloc:.2f} GiB allocated, {reserved:.2f} GiB reserved")
+    print(f"model: {result['num_parameters'] / 1e9:.3f}B parameters, loaded in {result['load_seconds']:.1f} s")
+
+
+# ---- main --------------------------------------------------------------------------------
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    check_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    betas = parse_betas(args.betas)
+    needs_data = not args.random_init or args.tokenizer_name_or_path
+    path = data_file(args) if needs_data else None  # before the slow model load
+    set_seed(args.seed)
+
+    logger.info("loading %s on %s", args.random_init or args.model_name_or_path, device)
+    start = time.perf_counter()
+    model, tokenizer = load(args, device, dtype)
+    gpus = model_gpus(model)
+    load_seconds = clock(gpus) - start
+    logger.info("loaded in %.1f s", load_seconds)
+    if betas is not None:
+        model.config.betas = enable_betas(model, betas)  # what the report and model_config show
+
+    if tokenizer is not None:
+        prompts, dropped = alpaca_prompts(path, tokenizer, args)
+    else:
+        vocab = model.config.get_text_config().vocab_size
+        prompts, dropped = random_prompts(args.num_samples, args.prompt_len, vocab, args.seed), 0
+    check_prompts(prompts, model, args.max_new_tokens)
+
+    config = generation_config(args, model, tokenizer)
+    with torch.inference_mode():
+        samples = run_samples(model, prompts, config, args.warmup, gpus)
+    return {
+        "num_samples": len(samples), "num_dropped_too_long": dropped, **summarize(samples),
+        "samples": samples, "gpu_memory": gpu_memory(gpus), "load_seconds": load_seconds,
+        "num_parameters": sum(p.numel() for p in model.parameters()), "skipping": skipping_report(model),
+        "model": model_shape(model), "experts_implementation": model.config._experts_implementation,
+        "attn_implementation": model.config._attn_implementation, "dtype": str(model.dtype).removeprefix("torch."),
+        "prompts": "random ids" if tokenizer is None else ("alpaca prompt+output" if args.prompt_with_output
+                                                          else "alpaca prompt"),
+        "generation_config": config.to_diff_dict(), "environment": environment(device, gpus), "args": vars(args),
+        "model_config": model.config.to_dict(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = benchmark(args)
+    except UsageError as e:
+        print(f"benchmark_speed.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s [%(name)s] %(message)s", level=logging.INFO)
+    sys.exit(main())
