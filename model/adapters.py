@@ -137,6 +137,9 @@ class MoEAdapter:
         """
         if kept is None:
             return self._route(block, logits, None)
+        if self.expert_groups(block) is not None and not self._balanced(block, kept):
+            w, i = self._route_masked(block, logits, kept if kept.dim() == 2 else kept.unsqueeze(0))
+            return (w, i) if kept.dim() == 2 else (w[0], i[0])
         if kept.dim() == 1:
             sub = logits.index_select(-1, kept)
             w, i = self._route(block, sub, kept)
@@ -152,6 +155,21 @@ class MoEAdapter:
     def _route(
         self, block: nn.Module, logits: torch.Tensor, kept: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _balanced(self, block: nn.Module, kept: torch.Tensor) -> bool:
+        """Whether every candidate keeps the same number of experts in each routing group."""
+        groups = self.expert_groups(block)
+        owner = torch.empty(self.num_experts(block), dtype=torch.long, device=kept.device)
+        for g, members in enumerate(groups):
+            owner[members] = g
+        counts = torch.nn.functional.one_hot(owner[kept], len(groups)).sum(dim=-2)  # (..., n_group)
+        return bool((counts == counts[..., :1]).all())
+
+    def _route_masked(self, block: nn.Module, logits: torch.Tensor, kept: torch.Tensor):
+        """Group-limited routing for candidates with unequal groups (intermediate beam-search states):
+        the rule on the original group layout with the dropped experts removed from the choice.
+        For balanced candidates it picks what the pruned block picks."""
         raise NotImplementedError
 
     def renormalizes(self, block: nn.Module) -> bool:
@@ -292,6 +310,10 @@ class DeepseekV2Adapter(MoEAdapter):
             return None
         return _contiguous_groups(self.num_experts(block), g.num_group)
 
+    def _route_masked(self, block, logits, kept):
+        keep = _keep_mask(kept, logits.shape[-1])  # (C, 1, E)
+        return self._route(block, logits.float().masked_fill(~keep, float("-inf")), None)
+
     def _route(self, block, logits, kept):
         g = self.router(block)
         scores = logits.softmax(dim=-1, dtype=torch.float32)
@@ -331,10 +353,16 @@ class DeepseekV3Adapter(MoEAdapter):
             bias = bias[kept].unsqueeze(-2) if kept.dim() == 2 else bias[kept]
         return logits.float().sigmoid() + bias
 
+    def _route_masked(self, block, logits, kept):
+        keep = _keep_mask(kept, logits.shape[-1])  # (C, 1, E)
+        scores = logits.float().sigmoid().expand(kept.shape[0], *logits.shape)
+        return self._rule(block, scores, self.choice_scores(block, logits).masked_fill(~keep, float("-inf")))
+
     def _route(self, block, logits, kept):
+        return self._rule(block, logits.float().sigmoid(), self.choice_scores(block, logits, kept))
+
+    def _rule(self, block, scores, choice):
         g = self.router(block)
-        scores = logits.float().sigmoid()
-        choice = self.choice_scores(block, logits, kept)
         n = scores.shape[-1]
         group_scores = choice.view(*choice.shape[:-1], g.num_group, n // g.num_group).topk(2, dim=-1)[0].sum(dim=-1)
         choice = choice.masked_fill(~group_mask(group_scores, g.topk_group, n // g.num_group), float("-inf"))
@@ -376,6 +404,11 @@ class GptOssAdapter(MoEAdapter):
     def _route(self, block, logits, kept):
         v, i = torch.topk(logits, self.top_k(block), dim=-1)
         return torch.softmax(v, dim=-1, dtype=v.dtype), i
+
+
+def _keep_mask(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """(C, r) kept experts -> (C, 1, n) bool, broadcastable over tokens."""
+    return torch.zeros(kept.shape[0], n, dtype=torch.bool, device=kept.device).scatter_(1, kept, True).unsqueeze(1)
 
 
 def _contiguous_groups(n: int, n_group: int) -> list[list[int]]:
