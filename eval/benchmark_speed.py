@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, MixtralConfig  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList, set_seed  # noqa: E402
 
 from model import DynamicSkipping, load_model  # noqa: E402
@@ -46,12 +46,17 @@ DATA_URL = "https://huggingface.co/datasets/yahma/alpaca-cleaned"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 GIB = 2**30
 
-# Shapes of the released checkpoints' config.json (weights are random).
+# Shapes of the released checkpoints' config.json (weights are random): (model_type, config entries).
 PRESETS = {
     # MixtralConfig's defaults are the 8x7B shape; the release has 32k positions.
-    "mixtral-8x7b": dict(max_position_embeddings=32768),
-    "mixtral-8x22b": dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
-                          num_key_value_heads=8, vocab_size=32768, max_position_embeddings=65536),
+    "mixtral-8x7b": ("mixtral", dict(max_position_embeddings=32768)),
+    "mixtral-8x22b": ("mixtral", dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+                                      num_attention_heads=48, num_key_value_heads=8, vocab_size=32768,
+                                      max_position_embeddings=65536)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                        head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                        vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6)),
 }
 
 
@@ -198,7 +203,8 @@ def parse_betas(text: str | None) -> float | dict | None:
 
 def random_init_config(spec: str, overrides: dict) -> transformers.PreTrainedConfig:
     if spec in PRESETS:
-        config = MixtralConfig(**PRESETS[spec])
+        model_type, entries = PRESETS[spec]
+        config = AutoConfig.for_model(model_type, **entries)
     else:
         try:
             config = AutoConfig.from_pretrained(spec)
