@@ -91,7 +91,11 @@ def skip_rule(weights: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     weights: (tokens, k) routing weights; betas: (k - 1,) thresholds for ranks 2..k.
     For top-2 this is the paper's rule w2 < beta * w1. Returns a (tokens, k) bool mask.
     """
-    w1 = weights.max(dim=-1, keepdim=True).values
+    w1, first = weights.max(dim=-1, keepdim=True)
+    if weights.shape[-1] == 2:  # few kernels: this runs in every MoE layer at every decoding step
+        second = 1 - first
+        w2 = weights.gather(-1, second)
+        return torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, second, w2 < betas * w1)
     ranks = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = largest
     thresholds = torch.cat([betas.new_full((1,), float("-inf")), betas]).to(weights.dtype)[ranks]
     return weights < thresholds * w1
@@ -120,6 +124,7 @@ class DynamicSkipping:
                 raise ValueError(f"layer {idx} routes to top-{k}: its `betas` entry needs {k - 1} thresholds "
                                  f"(ranks 2..{k}), got {len(value)}; recalibrate with --method dynamic_skipping")
             self.betas[idx] = torch.tensor([float(v) for v in value], dtype=torch.float32)
+        self._device_betas: dict = {}  # (layer, device) -> betas there: no host-to-device copy per step
         self._handles: list = []
         self._base: str | None = None
         self.reset_stats()
@@ -164,7 +169,10 @@ class DynamicSkipping:
     def _router_hook(self, idx: int, adapter: MoEAdapter, block: nn.Module):
         def hook(_router, _args, output):
             logits, weights, indices = output
-            skip = skip_rule(weights, self.betas[idx].to(weights.device))
+            key = (idx, weights.device)
+            if key not in self._device_betas:
+                self._device_betas[key] = self.betas[idx].to(weights.device)
+            skip = skip_rule(weights, self._device_betas[key])
             new_weights = adapter.weights_after_skip(block, weights, skip)
             new_indices = indices.masked_fill(skip, adapter.num_experts(block))
             self._tokens[idx] = self._tokens[idx] + skip.shape[0]
