@@ -29,11 +29,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_se
 from data import DATASETS, DataFileError, build_calib_loader  # noqa: E402
 from method import METHODS  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
+from model.loading import DTYPES  # noqa: E402
 
 logger = logging.getLogger("main")
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 class UsageError(Exception):
     """Bad flags or paths: reported as one line, nothing written."""
@@ -89,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="compute device, e.g. cuda, cuda:1, cpu (default: the GPU when there is one). Layers are "
                         "moved there one at a time; the model itself stays in host memory")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+    p.add_argument("--dtype", default="bfloat16", choices=[k for k in DTYPES if k != "auto"],
                    help="dtype to load the model in (default: bfloat16, as the paper)")
     p.add_argument("--search", default="auto", choices=["auto", "exhaustive", "beam"],
                    help="how to find the kept set: exhaustive tries every drop set (the paper); beam scales to "

@@ -79,7 +79,7 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
 
 
 @contextmanager
-def _quiet_tokenizer():
+def quiet_tokenizer():
     # Long documents are cut into blocks afterwards; the "sequence longer than" warning is noise.
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
@@ -100,7 +100,7 @@ def sample_blocks(texts: list[str], tokenizer, block_size: int, n_blocks: int, s
     if n_blocks > 0:
         order = order[: n_blocks * DOCS_PER_BLOCK]
     docs = [texts[i] for i in order]
-    with _quiet_tokenizer():
+    with quiet_tokenizer():
         ids = tokenizer(docs)["input_ids"]
     blocks: list[list[int]] = []
     for g in range(0, len(ids), GROUP_DOCS):

@@ -37,13 +37,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers import LogitsProcessor, LogitsProcessorList, set_seed  # noqa: E402
 
 from model import DynamicSkipping, load_model  # noqa: E402
+from model.loading import DTYPES  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
 
 logger = logging.getLogger("benchmark_speed")
 
 DEFAULT_DATA = "data/alpaca_data_cleaned.json"
 DATA_URL = "https://huggingface.co/datasets/yahma/alpaca-cleaned"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 GIB = 2**30
 
 # Shapes of the released checkpoints' config.json (weights are random): (model_type, config entries).

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 # Work sizes: bound memory whatever the model and calibration size.
-_BYTES_PER_CHUNK = 1 << 30  # float64 expert outputs of one token chunk
+_BYTES_PER_CHUNK = 1 << 30  # expert outputs of one token chunk, at 8 bytes per value
 _ROUTE_ELEMENTS = 1 << 24  # candidates x tokens x experts routed at once
 
 
@@ -65,7 +65,7 @@ def drop_key(drop: tuple[int, ...]) -> str:
 
 @dataclass
 class TokenStats:
-    """Inner products for one chunk of tokens; all float64.
+    """Inner products for one chunk of tokens (float64, but `slot`).
 
     slot:  (T, E) long, position of expert e in token t's computed set, -1 if not computed
     gram:  (T, M, M) <y_m, y_n> between the computed experts' outputs of each token

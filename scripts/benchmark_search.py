@@ -40,10 +40,8 @@ from eval.benchmark_speed import build_random_model, random_init_config  # noqa:
 from main import RunConfig  # noqa: E402
 from method import METHODS  # noqa: E402
 from model.adapters import find_moe_blocks  # noqa: E402
+from model.loading import DTYPES  # noqa: E402
 from model.runner import LayerRunner, capture_io  # noqa: E402
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def sync(device: torch.device) -> float:
     if device.type == "cuda":
@@ -145,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--beam_width", type=int, default=4)
     p.add_argument("--baseline_layers", type=int, default=0, help="MoE layers to run the original algorithm on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="bfloat16", choices=[k for k in DTYPES if k != "auto"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON file for all measurements")
     args = p.parse_args(argv)

@@ -44,7 +44,6 @@ import argparse
 import json
 import lzma
 import math
-import os
 import platform
 import random
 import shlex

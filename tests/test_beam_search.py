@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from data import make_loader, read_texts, sample_blocks
 from main import RunConfig
@@ -15,7 +15,6 @@ from method import METHODS
 from method.search import count_drop_sets, drop_sets, rank_bound_mask
 from model.adapters import ADAPTERS
 
-from families import family_config
 from test_families import build, loader
 
 

@@ -15,7 +15,7 @@ import main
 from data import build_calib_loader
 from method import METHODS
 
-from conftest import save_model, tiny_mixtral_config
+from conftest import save_model
 
 
 def common(model_path, c4_path, out, *extra, n_blocks=8, device="cpu"):

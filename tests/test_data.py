@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from data import DATASETS, DataFileError, build_calib_loader, read_texts, sample_blocks
+from data import DataFileError, build_calib_loader, read_texts, sample_blocks
 
 
 def original_pipeline(texts, tokenizer, block_size, n_blocks, seed):
