@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import lzma
 import logging
+import lzma
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -149,7 +150,11 @@ def _collate(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def make_loader(blocks: torch.Tensor, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """Batches of `batch_size` blocks in order (no shuffle, last batch kept), as the original loader."""
+    """Batches of `batch_size` blocks in order (no shuffle, last batch kept), as the original loader.
+
+    The blocks are already in memory, so workers beyond the CPU count only add processes.
+    """
+    workers = min(num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     return torch.utils.data.DataLoader(list(blocks), batch_size=batch_size, shuffle=False, drop_last=False,
-                                       num_workers=num_workers, collate_fn=_collate)
+                                       num_workers=workers, collate_fn=_collate)
 

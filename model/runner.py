@@ -4,9 +4,9 @@ The inputs of the decoder layers are captured once: the first layer's hidden sta
 every layer's own keyword inputs (attention masks differ between sliding-window and full
 attention layers, e.g. GPT-OSS, Qwen2-MoE), by running the model with each layer's forward
 temporarily replaced by a recording identity. Then each decoder layer in turn is moved to
-the compute device, run on every calibration batch, and moved back. Host memory holds one set of hidden states
-(batches x tokens x hidden) instead of every layer's activations, and the GPU holds one
-layer at a time, so a model larger than the GPU can be calibrated on one GPU.
+the compute device, run on every calibration batch, and moved back. Host memory holds one
+set of hidden states (batches x tokens x hidden) instead of every layer's activations, and
+the GPU holds one layer at a time, so a model larger than the GPU is calibrated on one GPU.
 (The pattern of sparsegpt's `*_sequential` and llm-compressor's sequential pipeline.)
 """
 
