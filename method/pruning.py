@@ -77,7 +77,7 @@ def _prune(model, calib_loader, args, progressive: bool):
                     info["dropped_experts"], info["best_loss"], info["search"], info["n_evaluated"],
                     info["n_candidates"])
         layers_info[str(idx)] = info
-        if progressive:  # states of the pruned model through the just-pruned layer
+        if progressive and idx < len(runner.layers) - 1:  # pruned model's states, for the next layers
             pruned = [runner.forward(layer, b) for b in (pruned if diverged else inputs)]
         else:
             pruned = original

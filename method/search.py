@@ -79,10 +79,6 @@ class TokenStats:
     z2: torch.Tensor
 
 
-def _stats_to(stats: TokenStats, device) -> TokenStats:
-    return TokenStats(stats.slot.to(device), stats.gram.to(device), stats.cross.to(device), stats.z2.to(device))
-
-
 def slots_from_mask(needed: torch.Tensor) -> torch.Tensor:
     """(T, E) bool -> (T, E) long: rank of each needed expert within its token's row, -1 elsewhere."""
     pos = needed.long().cumsum(dim=-1) - 1
@@ -285,11 +281,9 @@ class BeamSearch(_LayerSearch):
         n_drop, groups = self.n - self.r, self.groups or [range(self.n)]
         return sum(min(len(g), n_drop // len(groups) + self.k) for g in groups)
 
-    def __init__(self, adapter, block, r: int, beam_width: int = 4, swap_rounds: int = 4,
-                 store_device: torch.device | str | None = None):
+    def __init__(self, adapter, block, r: int, beam_width: int = 4, swap_rounds: int = 4):
         super().__init__(adapter, block, r)
         self.beam_width, self.swap_rounds = beam_width, swap_rounds
-        self.store_device = store_device
         self.batches: list[list[tuple[torch.Tensor, TokenStats]]] = []
         self.n_evaluated = 0
 
@@ -300,21 +294,19 @@ class BeamSearch(_LayerSearch):
         for ts in self._token_chunks(x.shape[0], x.shape[1]):
             scores = self.adapter.choice_scores(self.block, logits[ts])
             needed = rank_bound_mask(scores, self.n - self.r, self.k, self.groups)
-            stats = self._stats(x[ts], target[ts], needed)
-            dev = self.store_device or x.device
-            chunks.append((logits[ts].to(dev), _stats_to(stats, dev)))
+            chunks.append((logits[ts], self._stats(x[ts], target[ts], needed)))
         self.batches.append(chunks)
 
     @torch.no_grad()
     def losses(self, drops: list[tuple[int, ...]]) -> list[float]:
         """L(D) of each drop set (all of the same size), over every stored calibration batch."""
-        device = next(self.block.parameters()).device
+        device = next(self.block.parameters()).device  # where add_batch kept the statistics
         kept = kept_tensor(self.n, drops, device)
         total = torch.zeros(len(drops), dtype=torch.float64)
         for chunks in self.batches:
             sq = torch.zeros(len(drops), dtype=torch.float64, device=device)
             for logits, stats in chunks:
-                sq += self._sq_errors(_stats_to(stats, device), logits.to(device), kept)
+                sq += self._sq_errors(stats, logits, kept)
             total += sq.sqrt().cpu()
         self.n_evaluated += len(drops)
         return total.tolist()

@@ -41,8 +41,9 @@ def top1_moe(block, x):
 
 
 def reference_logits(model, ids, moe):
-    """Logits with every MoE block's output replaced by moe(block, x)."""
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: moe(m, a[0])) for layer in model.model.layers]
+    """Logits with every MoE block's output replaced by moe(block, x, layer_index)."""
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: moe(m, a[0], i))
+             for i, layer in enumerate(model.model.layers)]
     try:
         with torch.no_grad():
             return model(ids).logits
@@ -77,7 +78,7 @@ def test_beta_zero_is_stock_and_large_beta_is_top1(model_dir, impl):
     with DynamicSkipping(model, {"0": 1.5, "1": 1.5}) as skip, torch.no_grad():
         got = model(x).logits
         assert skip.stats()["skip_rate"] == 1.0
-    torch.testing.assert_close(got, reference_logits(fresh(model_dir, impl), x, top1_moe), rtol=0, atol=0)
+    torch.testing.assert_close(got, reference_logits(fresh(model_dir, impl), x, lambda b, h, _: top1_moe(b, h)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -86,7 +87,7 @@ def test_skipping_equals_paper_block(model_dir, impl, beta):
     x = ids()
     masks = []
 
-    def moe(block, h):
+    def moe(block, h, _layer):
         out, mask = paper_skipping_moe(block, h, beta)
         masks.append(mask)
         return out
@@ -143,14 +144,7 @@ def _cli(method, model_dir, out, c4_path, *extra):
 
 
 def paper_logits(model, x, betas):
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, b=betas[str(i)]: paper_skipping_moe(m, a[0], b)[0])
-             for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            return model(x).logits
-    finally:
-        for h in hooks:
-            h.remove()
+    return reference_logits(model, x, lambda b, h, i: paper_skipping_moe(b, h, betas[str(i)])[0])
 
 
 def test_checkpoint_roundtrip_switch_off_and_generate(tiny_mixtral, c4_path, tmp_path):
