@@ -1,8 +1,10 @@
 """Generation speed benchmark (the paper's Sec. 4.4 speed-up measurements).
 
-Each Alpaca prompt is generated on its own (batch size 1) for exactly --max_new_tokens
-tokens (EOS is banned until then), and the speed is total generated tokens / total
-generation seconds, as in the original code. Checkpoints with `betas` in their config
+Each Alpaca prompt is generated on its own (batch size 1, or --batch_size prompts together,
+left-padded) for exactly --max_new_tokens tokens (EOS is banned until then), and the speed is
+total generated tokens / total generation seconds, as in the original code. --engine hf uses
+model.generate (the paper's setting); --engine graph decodes greedily with a static KV cache
+and one CUDA graph per step (model/static_decode.py), the same tokens. Checkpoints with `betas` in their config
 run with dynamic skipping on.
 
     python eval/benchmark_speed.py --model_name_or_path Mixtral-8x7B-v0.1 --output speed.json
@@ -37,6 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers import LogitsProcessor, LogitsProcessorList, set_seed  # noqa: E402
 
 from model import DynamicSkipping, load_model  # noqa: E402
+from model.static_decode import StaticDecoder  # noqa: E402
 from model.loading import DTYPES  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
 
@@ -99,8 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "when there is one")
     new.add_argument("--dtype", default=None, choices=list(DTYPES),
                      help="default: bfloat16 on GPU (as the paper), float32 on CPU; auto = the checkpoint's")
-    new.add_argument("--experts_implementation", default=None, choices=["eager", "grouped_mm", "batched_mm"],
-                     help="transformers' experts kernel (default: transformers' choice)")
+    new.add_argument("--experts_implementation", default=None, choices=["eager", "grouped_mm", "batched_mm", "fused"],
+                     help="experts kernel: transformers' own, or this repo's Triton decode kernels (fused; "
+                          "model/fused_experts.py) (default: transformers' choice)")
+    new.add_argument("--engine", default="hf", choices=["hf", "graph", "static"],
+                     help="hf: model.generate (the paper's setting); graph: greedy decoding with a static KV "
+                          "cache, one CUDA graph per decode step (model/static_decode.py); static: the same loop "
+                          "without the graph (default: hf)")
+    new.add_argument("--batch_size", type=int, default=1,
+                     help="prompts decoded together (left-padded); --num_samples is rounded down to a multiple")
     new.add_argument("--attn_implementation", default=None,
                      help="e.g. sdpa, eager, flash_attention_2 (the original used flash_attention_2); "
                           "default: transformers' choice")
@@ -126,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_samples", "max_new_tokens", "num_beams", "prompt_len"):
+    for name in ("num_samples", "max_new_tokens", "num_beams", "prompt_len", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -141,6 +151,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--random_init builds the model on one device: use --device cuda, cuda:N or cpu")
     if args.random_init and args.dtype == "auto":
         raise UsageError("--dtype auto means the checkpoint's dtype; --random_init needs a dtype")
+    if args.batch_size > args.num_samples:
+        raise UsageError(f"--batch_size {args.batch_size} is larger than --num_samples {args.num_samples}")
+    if args.engine != "hf" and (args.do_sample or args.num_beams != 1):
+        raise UsageError(f"--engine {args.engine} decodes greedily: drop --do_sample / --num_beams or use --engine hf")
+    if args.engine != "hf" and args.device == "auto":
+        raise UsageError(f"--engine {args.engine} runs the model on one device: use --device cuda or cuda:N")
 
 
 def resolve_device(name: str | None) -> str:
@@ -369,39 +385,66 @@ def generation_config(args: argparse.Namespace, model, tokenizer) -> GenerationC
         eos_token_id=eos, pad_token_id=pad)
 
 
-def generate_one(model, input_ids: torch.Tensor, config: GenerationConfig, gpus: list[int]) -> dict:
-    """One timed generation; `seconds` spans the whole generate() call."""
-    input_ids = input_ids.unsqueeze(0).to(model.device)
-    timer = FirstTokenTimer(gpus)
+def pad_left(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (B, P) ids and attention mask, padded on the left as generate expects."""
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), p, dtype=torch.long)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):] = x
+        mask[i, p - len(x):] = 1
+    return ids, mask
+
+
+def generate_batch(model, prompts: list[torch.Tensor], config: GenerationConfig, gpus: list[int],
+                   decoder: StaticDecoder | None = None) -> dict:
+    """One timed generation of a batch of prompts; `seconds` spans the whole call."""
+    input_ids, attention_mask = pad_left(prompts, config.pad_token_id)
+    input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     start = clock(gpus)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                         logits_processor=LogitsProcessorList([timer]))
+    if decoder is None:
+        timer = FirstTokenTimer(gpus)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([timer]))
+        new = out[:, input_ids.shape[1]:]
+        t_first = timer.time
+    else:
+        new, t_first = decoder.generate(input_ids, attention_mask, config.max_new_tokens, clock=lambda: clock(gpus))
     end = clock(gpus)
-    new_tokens = out.shape[1] - input_ids.shape[1]
-    if out.shape[0] != config.num_return_sequences or new_tokens != config.max_new_tokens:
-        raise AssertionError(f"generated {out.shape[0]} x {new_tokens} tokens, expected "
-                             f"{config.num_return_sequences} x {config.max_new_tokens}")
-    tokens = out.shape[0] * new_tokens
-    seconds, ttft = end - start, timer.time - start
-    decode_tokens = out.shape[0] * (new_tokens - 1)  # every token but the one the prefill's logits give
-    return {"prompt_tokens": int(input_ids.shape[1]), "generated_tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "ttft_s": ttft, "decode_tokens": decode_tokens,
+    if new.shape != (len(prompts) * config.num_return_sequences, config.max_new_tokens):
+        raise AssertionError(f"generated {tuple(new.shape)} tokens, expected "
+                             f"{len(prompts) * config.num_return_sequences} x {config.max_new_tokens}")
+    tokens = new.numel()
+    seconds, ttft = end - start, t_first - start
+    decode_tokens = new.shape[0] * (new.shape[1] - 1)  # every token but the one the prefill's logits give
+    return {"batch_size": len(prompts), "prompt_tokens": int(attention_mask.sum()), "generated_tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds, "ttft_s": ttft, "decode_tokens": decode_tokens,
             "decode_seconds": seconds - ttft,
             "decode_tokens_per_s": decode_tokens / (seconds - ttft) if decode_tokens else None}
 
 
-def run_samples(model, prompts: list[torch.Tensor], config: GenerationConfig, warmup: int,
-                gpus: list[int]) -> list[dict]:
-    for i in range(warmup):  # kernels, allocator and caches warm; not measured
-        generate_one(model, prompts[i % len(prompts)], config, gpus)
+def make_decoder(args: argparse.Namespace, model, prompts: list[torch.Tensor],
+                 config: GenerationConfig) -> StaticDecoder | None:
+    if args.engine == "hf":
+        return None
+    max_len = max(len(p) for p in prompts) + config.max_new_tokens
+    banned = (config.eos_token_id,) if config.eos_token_id is not None else ()  # min_new_tokens == max_new_tokens
+    return StaticDecoder(model, args.batch_size, max_len, graph=args.engine == "graph", banned_token_ids=banned)
+
+
+def run_samples(model, prompts: list[torch.Tensor], config: GenerationConfig, warmup: int, gpus: list[int],
+                batch_size: int = 1, decoder: StaticDecoder | None = None) -> list[dict]:
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts) - batch_size + 1, batch_size)]
+    for i in range(warmup):  # kernels, allocator, caches and the CUDA graph warm; not measured
+        generate_batch(model, batches[i % len(batches)], config, gpus, decoder)
     if model.dynamic_skipping is not None:
         model.dynamic_skipping.reset_stats()
     for i in gpus:
         torch.cuda.reset_peak_memory_stats(i)
     samples = []
-    bar = tqdm(prompts, desc="generating", unit="sample")
-    for ids in bar:
-        samples.append(generate_one(model, ids, config, gpus))
+    bar = tqdm(batches, desc="generating", unit="batch")
+    for batch in bar:
+        samples.append(generate_batch(model, batch, config, gpus, decoder))
         bar.set_postfix(tokens=samples[-1]["generated_tokens"], speed=f"{samples[-1]['tokens_per_s']:.2f} tok/s")
     return samples
 
@@ -416,6 +459,8 @@ def summarize(samples: list[dict]) -> dict:
     decode_seconds = sum(s["decode_seconds"] for s in samples)
     return {"tokens_per_s": tokens / seconds, "total_tokens": tokens, "total_seconds": seconds,
             "mean_ttft_s": sum(s["ttft_s"] for s in samples) / len(samples),
+            "time_per_step_ms": 1000 * decode_seconds / sum(s["decode_tokens"] // s["batch_size"] for s in samples)
+            if decode_tokens else None,
             "decode_tokens_per_s": decode_tokens / decode_seconds if decode_tokens else None}
 
 
@@ -502,10 +547,12 @@ def benchmark(args: argparse.Namespace) -> dict:
     check_prompts(prompts, model, args.max_new_tokens)
 
     config = generation_config(args, model, tokenizer)
+    decoder = make_decoder(args, model, prompts, config)
     with torch.inference_mode():
-        samples = run_samples(model, prompts, config, args.warmup, gpus)
+        samples = run_samples(model, prompts, config, args.warmup, gpus, args.batch_size, decoder)
     return {
-        "num_samples": len(samples), "num_dropped_too_long": dropped, **summarize(samples),
+        "num_samples": sum(s["batch_size"] for s in samples), "num_batches": len(samples),
+        "batch_size": args.batch_size, "engine": args.engine, "num_dropped_too_long": dropped, **summarize(samples),
         "samples": samples, "gpu_memory": gpu_memory(gpus), "load_seconds": load_seconds,
         "num_parameters": sum(p.numel() for p in model.parameters()), "skipping": skipping_report(model),
         "model": model_shape(model), "experts_implementation": model.config._experts_implementation,

@@ -1,5 +1,6 @@
 """Model side: family adapters, the layer-by-layer runner, dynamic skipping, loading."""
 
+from . import fused_experts  # noqa: F401  (registers the "fused" experts implementation)
 from .adapters import ADAPTERS, MoEAdapter, MoEError, UnsupportedModelError, find_moe_blocks, supported_families
 from .loading import load_model
 from .runner import LayerRunner

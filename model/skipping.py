@@ -21,6 +21,8 @@ Two of transformers' own extension points do the work:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
@@ -39,7 +41,7 @@ def _base_forward(module: nn.Module, base: str):
 
 # Implementations that already leave sentinel slots out of the GEMMs (transformers' expert-parallel
 # support): skipped slots pass straight through, with no host sync and no regrouping.
-_SENTINEL_AWARE = ("grouped_mm",)
+_SENTINEL_AWARE = ("grouped_mm", "fused")
 
 
 def _make_skipping_experts_forward(base: str):
@@ -85,6 +87,32 @@ def register_skipping_implementation(base: str) -> str:
     return name
 
 
+def _use_skip_kernel(device: torch.device) -> bool:
+    from .fused_experts import triton_available
+
+    return triton_available() and (device.type == "cuda" or (device.type == "cpu"
+                                                             and os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def skip_kernel(weights: torch.Tensor, indices: torch.Tensor, betas: torch.Tensor, n_experts: int, renormalize: bool,
+                counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`skip_rule` + the adapter's renormalisation + sentinel indices + counters, in one Triton kernel.
+
+    weights, indices: (tokens, k); betas: (k - 1,) float32; counts: (2,) int64, incremented in place.
+    """
+    import triton
+
+    from .kernels import skip_kernel as kernel
+
+    t, k = weights.shape
+    w_out, i_out = torch.empty_like(weights), torch.empty_like(indices)
+    block_t = 64
+    kernel[(triton.cdiv(t, block_t),)](weights.contiguous(), indices.contiguous(), betas, w_out, i_out, counts, t,
+                                      K=k, K_PAD=triton.next_power_of_2(k), E=n_experts, RENORM=renormalize,
+                                      BLOCK_T=block_t)
+    return w_out, i_out
+
+
 def skip_rule(weights: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     """Which routed slots to skip: slot j of rank >= 2 when w_j < beta_j * w_1.
 
@@ -125,9 +153,9 @@ class DynamicSkipping:
                                  f"(ranks 2..{k}), got {len(value)}; recalibrate with --method dynamic_skipping")
             self.betas[idx] = torch.tensor([float(v) for v in value], dtype=torch.float32)
         self._device_betas: dict = {}  # (layer, device) -> betas there: no host-to-device copy per step
+        self._device_counts: dict = {}  # (layer, device) -> tensor([tokens, skipped]), updated on the device
         self._handles: list = []
         self._base: str | None = None
-        self.reset_stats()
 
     # ---- switching ---------------------------------------------------------------------
     @property
@@ -167,33 +195,52 @@ class DynamicSkipping:
 
     # ---- the rule ------------------------------------------------------------------------
     def _router_hook(self, idx: int, adapter: MoEAdapter, block: nn.Module):
+        n_experts = adapter.num_experts(block)
+
         def hook(_router, _args, output):
             logits, weights, indices = output
             key = (idx, weights.device)
             if key not in self._device_betas:
                 self._device_betas[key] = self.betas[idx].to(weights.device)
+            counts = self._counts(idx, weights.device)  # (2,) int64: routed tokens, skipped slots
+            if _use_skip_kernel(weights.device):
+                # One launch instead of ~15 small ops per layer and step (they dominate a graph-captured decode step).
+                new_weights, new_indices = skip_kernel(weights, indices, self._device_betas[key], n_experts,
+                                                       adapter.renormalizes(block), counts)
+                return logits, new_weights, new_indices
             skip = skip_rule(weights, self._device_betas[key])
             new_weights = adapter.weights_after_skip(block, weights, skip)
-            new_indices = indices.masked_fill(skip, adapter.num_experts(block))
-            self._tokens[idx] = self._tokens[idx] + skip.shape[0]
-            self._skipped[idx] = self._skipped[idx] + skip.sum()
+            new_indices = indices.masked_fill(skip, n_experts)
+            counts[0] += skip.shape[0]  # in place: stays correct when the step is replayed from a CUDA graph
+            counts[1] += skip.sum()
             return logits, new_weights, new_indices
 
         return hook
 
+    def _counts(self, idx: int, device: torch.device) -> torch.Tensor:
+        key = (idx, device)
+        if key not in self._device_counts:
+            self._device_counts[key] = torch.zeros(2, dtype=torch.long, device=device)
+        return self._device_counts[key]
+
     # ---- statistics ------------------------------------------------------------------------
     def reset_stats(self) -> None:
-        self._tokens = {idx: 0 for idx in self.blocks}
-        self._skipped = {idx: 0 for idx in self.blocks}
+        # Zeroed in place: a captured CUDA graph keeps incrementing the same tensors.
+        for c in self._device_counts.values():
+            c.zero_()
 
     def stats(self) -> dict:
         """Skipped (token, expert) slots over routed tokens, per MoE layer and overall.
 
         For top-2 routers this is the fraction of tokens that skipped their 2nd expert.
         """
+        totals = {idx: [0, 0] for idx in self.blocks}
+        for (idx, _device), c in self._device_counts.items():
+            t, s = c.tolist()
+            totals[idx][0] += t
+            totals[idx][1] += s
         layers = {}
-        for idx in self.blocks:
-            t, s = int(self._tokens[idx]), int(self._skipped[idx])
+        for idx, (t, s) in totals.items():
             layers[str(idx)] = {"tokens": t, "skipped": s, "skip_rate": s / t if t else 0.0}
         tokens = sum(v["tokens"] for v in layers.values())
         skipped = sum(v["skipped"] for v in layers.values())

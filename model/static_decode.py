@@ -1,0 +1,114 @@
+"""Greedy decoding with a static KV cache, one decode step replayed from a CUDA graph.
+
+`generate()` in transformers runs each decode step as hundreds of small kernel launches from
+Python (~0.9 ms per Mixtral layer on an H200 at batch 1): the GPU mostly waits for the host.
+`StaticDecoder` keeps every input of a decode step in fixed buffers (token ids, positions, a
+4D attention mask, transformers' own `StaticCache`, which advances its length on the device),
+captures one step once in a `torch.cuda.CUDAGraph` and replays it: one launch per token.
+Everything on that path must stay on the device: the fused experts kernels and the skipping
+kernel (model/kernels.py) are written for it; the skip counters are updated in place.
+
+It produces exactly what `model.generate(do_sample=False, min_new_tokens=n, max_new_tokens=n)`
+does (greedy, the banned token ids -- EOS -- never chosen) as long as the model's logits have
+a clear top-1 margin (kernels of different shapes round differently): the tests and the GPU
+check compare the tokens. With `graph=False` the same static loop runs eagerly (any device).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+
+class StaticDecoder:
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, graph: bool = True,
+                 banned_token_ids: tuple[int, ...] = ()):
+        self.model = model
+        self.device = next(model.parameters()).device
+        if graph and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device; use graph=False on the CPU")
+        self.batch_size, self.max_len, self.use_graph = batch_size, max_len, graph
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        b, dev = batch_size, self.device
+        # Decode-step inputs: fixed addresses, updated in place (inside the graph).
+        self.input_ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        self.position_ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot of the token being fed
+        self.mask = torch.zeros(b, 1, 1, max_len, dtype=torch.bool, device=dev)  # True = may attend
+        self.banned = torch.tensor(list(banned_token_ids), dtype=torch.long, device=dev)
+        self.out = torch.zeros(b, max_len, dtype=torch.long, device=dev)  # generated ids by cache slot
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits -> (B,) greedy ids, banned ids never chosen (generate's min_new_tokens)."""
+        logits = logits.float()
+        if self.banned.numel():
+            logits = logits.index_fill(-1, self.banned, float("-inf"))
+        return logits.argmax(dim=-1)
+
+    def _step(self) -> None:
+        """Feed input_ids at slot `pos`; leave the next token in input_ids and out[:, pos + 1]."""
+        self.mask.index_fill_(-1, self.pos, True)
+        logits = self.model(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=self.mask,
+                            past_key_values=self.cache, use_cache=True).logits[:, -1, :]
+        nxt = self._next_token(logits)
+        self.pos.add_(1)
+        self.out.index_copy_(1, self.pos, nxt.unsqueeze(1))
+        self.input_ids.copy_(nxt.unsqueeze(1))
+        self.position_ids.add_(1)
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then capture. The warm-up
+        # steps write into the cache; `generate` resets everything before it decodes.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        state = [self.input_ids, self.position_ids, self.pos, self.mask, self.out]
+        state += [layer.cumulative_length for layer in self.cache.layers if hasattr(layer, "cumulative_length")]
+        saved = [t.clone() for t in state]
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for t, v in zip(state, saved):  # capturing does not run the step: this is the state it starts from
+            t.copy_(v)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    # ---- generation -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[torch.Tensor, float]:
+        """Greedy ids (B, max_new_tokens) for left-padded prompts (B, P); also the clock() after the prefill."""
+        b, p = input_ids.shape
+        if b != self.batch_size or p + max_new_tokens > self.max_len:
+            raise ValueError(f"batch {b} x {p}+{max_new_tokens} tokens does not fit this decoder "
+                             f"({self.batch_size} x {self.max_len})")
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        self.cache.reset()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding, as generate
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        first = self._next_token(logits)
+        t_first = clock()
+        # Decode state: the prompt's real tokens visible, the first new token fed at slot p.
+        self.mask.zero_()
+        self.mask[:, 0, 0, :p] = attention_mask.bool()
+        self.pos.fill_(p)
+        self.position_ids.copy_(position_ids[:, -1:] + 1)
+        self.input_ids.copy_(first.unsqueeze(1))
+        self.out.zero_()
+        self.out[:, p] = first
+        if self.use_graph and self.graph is None:
+            self._capture()
+        for _ in range(max_new_tokens - 1):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+        return self.out[:, p:p + max_new_tokens].clone(), t_first
