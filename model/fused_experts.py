@@ -13,12 +13,11 @@ experts module through `fused_experts_forward`:
 
 `fused_experts_reference` is the kernels' semantics in plain torch (float32 accumulation, the
 activation rounded to the model dtype between the two projections, weighted slots summed in
-float32); it is what runs on a CPU, and what the tests hold the kernels and the library to.
+float32); it is what runs on a CPU, and what the tests hold the kernels and the library to (the tests run
+the kernels themselves on the CPU through Triton's interpreter, `TRITON_INTERPRET=1`).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
@@ -87,12 +86,6 @@ def fused_experts_reference(hidden: torch.Tensor, top_k_index: torch.Tensor, top
     return y.view(t, k, h).sum(dim=1).to(hidden.dtype)
 
 
-def _triton_ok(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def fused_experts_triton(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                          gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
                          down_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,7 +135,7 @@ def fused_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
     if pairs > (SMALL_MAX_PAIRS if self.gate_up_proj.element_size() <= 2 else 32):
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     args = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, *_biases(self))
-    if _triton_ok(hidden_states.device):
+    if hidden_states.device.type == "cuda":
         return fused_experts_triton(*args)
     return fused_experts_reference(*args)
 

@@ -21,8 +21,6 @@ Two of transformers' own extension points do the work:
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
@@ -90,8 +88,7 @@ def register_skipping_implementation(base: str) -> str:
 def _use_skip_kernel(device: torch.device) -> bool:
     from .fused_experts import triton_available
 
-    return triton_available() and (device.type == "cuda" or (device.type == "cpu"
-                                                             and os.environ.get("TRITON_INTERPRET") == "1"))
+    return device.type == "cuda" and triton_available()
 
 
 def skip_kernel(weights: torch.Tensor, indices: torch.Tensor, betas: torch.Tensor, n_experts: int, renormalize: bool,

@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels (model/kernels.py) run in Triton's CPU interpreter in the tests; the flag is read when
+    # the kernels are defined, so it is set before anything imports them. The model code itself never
+    # sends CPU tensors to the kernels (it uses their torch reference there).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
