@@ -252,9 +252,11 @@ def _ranges(values: list[int]) -> str:
 
 
 # ---- routing rules: pure functions of logits along the last dimension ---------------------
-# Each replicates a transformers 5.x router's arithmetic op for op (tests compare them with the
-# library's routers bit for bit), but works on any leading dimensions, so that the same rule
-# routes a batch of candidate kept sets at once: logits (..., tokens, experts).
+# Each replicates a transformers 5.x router's arithmetic op for op, but works on any leading
+# dimensions, so that the same rule routes a batch of candidate kept sets at once: logits
+# (..., tokens, experts). Tests feed them the library router's own logits: the same experts are
+# chosen, and the weights agree to float32 rounding. Not bit for bit across shapes: a pruned
+# router's GEMM F.linear(x, W[kept]) can differ from F.linear(x, W)[:, kept] by an ulp on some CPUs.
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax over experts (float32), top-k, optional renormalisation over the k chosen.

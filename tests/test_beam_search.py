@@ -35,9 +35,11 @@ def test_beam_finds_the_exhaustive_optimum_16_experts_real_c4(c4_path, tokenizer
         assert ex["n_candidates"] == 12870 == len(ex["loss"])
         b = beam[layer]
         assert b["search"] == "beam" and b["n_evaluated"] < 12870 / 4
-        # Same objective: the beam's loss of its set is the exhaustive loss of that set.
+        # Same objective: the beam's loss of its set is the exhaustive loss of that set. The two searches
+        # compute the expert outputs in differently composed batches (other GEMM shapes), which can move
+        # a float32 output by an ulp: rel 1e-6.
         key = ",".join(map(str, b["dropped_experts"]))
-        assert b["best_loss"] == pytest.approx(ex["loss"][key], rel=1e-9)
+        assert b["best_loss"] == pytest.approx(ex["loss"][key], rel=1e-6)
         ratio = b["best_loss"] / ex["best_loss"]
         print(f"layer {layer}: beam/optimum = {ratio:.6f}, rank of beam set among 12870: "
               f"{sorted(ex['loss'].values()).index(ex['loss'][key]) + 1}")

@@ -73,12 +73,17 @@ def test_beta_zero_is_stock_and_large_beta_is_top1(model_dir, impl):
         expected = stock(x).logits
     model = fresh(model_dir, impl)
     with DynamicSkipping(model, {"0": 0.0, "1": 0.0}) as skip, torch.no_grad():
+        # Exact on purpose: with no skip the hook returns the router's own tensors and "skip+<impl>" hands
+        # them to <impl> unchanged, so this is the same kernel on the same shapes as the stock model.
         assert torch.equal(model(x).logits, expected)
         assert skip.stats()["skip_rate"] == 0.0
     with DynamicSkipping(model, {"0": 1.5, "1": 1.5}) as skip, torch.no_grad():
         got = model(x).logits
         assert skip.stats()["skip_rate"] == 1.0
-    torch.testing.assert_close(got, reference_logits(fresh(model_dir, impl), x, lambda b, h, _: top1_moe(b, h)), rtol=0, atol=0)
+    # Same routing; the expert GEMMs run on other shapes (top-2 with sentinel slots vs top-1), so the
+    # logits agree to float32 rounding, as in test_skipping_equals_paper_block.
+    torch.testing.assert_close(got, reference_logits(fresh(model_dir, impl), x, lambda b, h, _: top1_moe(b, h)),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -165,7 +170,9 @@ def test_checkpoint_roundtrip_switch_off_and_generate(tiny_mixtral, c4_path, tmp
         gen = model.generate(x, max_new_tokens=6, do_sample=False)
         assert gen.shape[1] == x.shape[1] + 6
         model.dynamic_skipping.disable()
-        assert torch.equal(model(x).logits, stock_logits)  # off: the stock model, bit for bit
+        # Off: the stock model's kernel on the same shapes and weights, so bit for bit on any machine;
+        # on again: the same computation as before.
+        assert torch.equal(model(x).logits, stock_logits)
         model.dynamic_skipping.enable()
         assert torch.equal(model(x).logits, skipping_logits)
     # Plain load without skipping.
