@@ -22,7 +22,10 @@ GROUPED = {"deepseek_v2": 2, "deepseek_v3": 2}  # families whose tiny config rou
 COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
-def build(family, seed=0, **kw):
+def build(family, seed=0, dtype=torch.float32, ties=False, **kw):
+    """A tiny random model of `family`. ties: every odd expert's router row (and router bias, score
+    correction bias) copies the even expert's before it, so the router logits of each pair tie exactly
+    on every token, the hardest case for tie-breaking; the experts themselves stay different."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(family_config(family, **kw)).float().eval()
     with torch.no_grad():
@@ -32,7 +35,11 @@ def build(family, seed=0, **kw):
         for m in model.modules():
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.normal_(0.0, 0.1)
-    return model
+        if ties:
+            for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+                if re.search(r"\.(gate|router)\.(weight|bias|e_score_correction_bias)$", name):
+                    t[1::2] = t[0::2]
+    return model.to(dtype)
 
 
 def loader(n_blocks=6, seq=24, batch=3, seed=0):
