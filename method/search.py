@@ -149,17 +149,26 @@ def rank_bound_mask(scores: torch.Tensor, n_drop: int, k: int, groups: list[list
 
     The router picks by `scores` order. Expert e is picked only if fewer than k kept experts
     rank above it, so at least rank(e) - k + 1 of those must be dropped: with n_drop drops,
-    only the top n_drop + k experts of each token can ever be picked. Under group-limited
+    only the top m = n_drop + k experts of each token can ever be picked. Under group-limited
     routing every group drops n_drop / n_group experts and e competes with its own group's
     experts, so the bound applies within each group.
+
+    Ties: every expert whose score ties with the m-th best is in the mask, since the router may
+    break the tie either way (bf16 logits tie for a few % of tokens). "Ties" include scores within
+    the rounding of the router's own arithmetic: softmax routers rank float32 probabilities
+    exp(l - max) / sum over the kept experts, which can round two logits a few float32 ulps of the
+    token's largest |logit| apart to the same value. A token can therefore get more than m experts;
+    callers size their work from the mask's real count.
     """
     t, n = scores.shape
     mask = torch.zeros(t, n, dtype=torch.bool, device=scores.device)
     for members in (groups or [list(range(n))]):
         cols = torch.tensor(members, device=scores.device)
+        sub = scores[:, cols].float()  # (T, members)
         m = min(len(members), (n_drop // (len(groups) if groups else 1)) + k)
-        top = torch.topk(scores[:, cols].float(), m, dim=-1).indices
-        mask[torch.arange(t, device=scores.device).unsqueeze(-1), cols[top]] = True
+        mth = torch.topk(sub, m, dim=-1).values[:, -1:]  # (T, 1) m-th best score
+        slack = 16 * torch.finfo(torch.float32).eps * (sub.abs().amax(dim=-1, keepdim=True) + 1)
+        mask[:, cols] = sub >= mth - slack
     return mask
 
 
@@ -185,12 +194,9 @@ class _LayerSearch:
             target = target - shared.to(torch.float64)
         return x, target, self.adapter.router_logits(self.block, x)  # logits: (T, E)
 
-    def _slots_bound(self) -> int:
-        """Most experts computed per token (the exhaustive search may need all of them)."""
-        return self.n
-
-    def _token_chunks(self, n_tok: int, hidden: int):
-        step = max(1, min(n_tok, _BYTES_PER_CHUNK // (self._slots_bound() * hidden * 8)))
+    def _token_chunks(self, n_tok: int, hidden: int, slots: int):
+        """Token slices whose expert outputs (`slots` per token, float64) fit in _BYTES_PER_CHUNK."""
+        step = max(1, min(n_tok, _BYTES_PER_CHUNK // (max(1, slots) * hidden * 8)))
         for t0 in range(0, n_tok, step):
             yield slice(t0, min(n_tok, t0 + step))
 
@@ -243,7 +249,7 @@ class ExhaustiveScorer(_LayerSearch):
         x, target, logits = self._prepare(x, target)
         kept = kept_tensor(self.n, self.drops, x.device)
         sq = torch.zeros(len(self.drops), dtype=torch.float64, device=x.device)
-        for ts in self._token_chunks(x.shape[0], x.shape[1]):
+        for ts in self._token_chunks(x.shape[0], x.shape[1], self.n):  # a token may need every expert
             sq += self._chunk(x[ts], target[ts], logits[ts], kept)
         self.losses += sq.sqrt().cpu()
 
@@ -266,7 +272,8 @@ class BeamSearch(_LayerSearch):
     """Same objective, for expert counts where enumeration is impossible (C(64, 32) ~ 1.8e18).
 
     Calibration statistics (inner products of the outputs of each token's top n_drop + k
-    experts, computed in token chunks) are kept, then:
+    experts and of those tied with the last of them, `rank_bound_mask`, computed in token
+    chunks) are kept, then:
       1. greedy elimination with a beam: from each beam state, try dropping one more expert
          (respecting routing groups); keep the `beam_width` best states; repeat until
          n_drop experts are dropped;
@@ -277,10 +284,6 @@ class BeamSearch(_LayerSearch):
 
     method = "beam"
 
-    def _slots_bound(self) -> int:
-        n_drop, groups = self.n - self.r, self.groups or [range(self.n)]
-        return sum(min(len(g), n_drop // len(groups) + self.k) for g in groups)
-
     def __init__(self, adapter, block, r: int, beam_width: int = 4, swap_rounds: int = 4):
         super().__init__(adapter, block, r)
         self.beam_width, self.swap_rounds = beam_width, swap_rounds
@@ -290,11 +293,11 @@ class BeamSearch(_LayerSearch):
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor, target: torch.Tensor) -> None:
         x, target, logits = self._prepare(x, target)
+        needed = rank_bound_mask(self.adapter.choice_scores(self.block, logits), self.n - self.r, self.k,
+                                 self.groups)  # (T, E)
         chunks = []
-        for ts in self._token_chunks(x.shape[0], x.shape[1]):
-            scores = self.adapter.choice_scores(self.block, logits[ts])
-            needed = rank_bound_mask(scores, self.n - self.r, self.k, self.groups)
-            chunks.append((logits[ts], self._stats(x[ts], target[ts], needed)))
+        for ts in self._token_chunks(x.shape[0], x.shape[1], int(needed.sum(1).max())):
+            chunks.append((logits[ts], self._stats(x[ts], target[ts], needed[ts])))
         self.batches.append(chunks)
 
     @torch.no_grad()

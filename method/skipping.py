@@ -28,9 +28,14 @@ def check_skippable(model) -> dict:
     return blocks
 
 
-def weight_ratios(weights: torch.Tensor) -> torch.Tensor:
-    """(tokens, k) routing weights -> (tokens, k - 1): w_j / w_1 for ranks j = 2..k (w_1 the largest)."""
-    w = weights.float().sort(dim=-1, descending=True).values
+def weight_ratios(weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(tokens, k) routing weights -> (tokens, k - 1): w_j / w_1 for ranks j = 2..k.
+
+    Ranks are the router's order of choice, given by its choice scores (tokens, k) of the same
+    slots, as the skipping rule ranks them (`model.skipping.skip_rule`).
+    """
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    w = weights.float().gather(-1, order)
     return w[..., 1:] / w[..., :1]
 
 
@@ -50,8 +55,9 @@ def dynamic_skipping(model, calib_loader, args):
         for b in states:
             with capture_io(adapter.router(block)) as io:
                 new_states.append(runner.forward(layer, b))
-            weights, _ = adapter.route(block, io["outputs"][0])  # the router's own rule on its logits
-            ratios.append(weight_ratios(weights).cpu().numpy())
+            logits = io["outputs"][0]
+            weights, indices = adapter.route(block, logits)  # the router's own rule on its logits
+            ratios.append(weight_ratios(weights, adapter.chosen_scores(block, logits, indices)).cpu().numpy())
         states = new_states
         r = np.concatenate(ratios).astype(np.float64)  # (tokens, k - 1)
         median, mean = np.median(r, axis=0).tolist(), np.mean(r, axis=0).tolist()

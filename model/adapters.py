@@ -96,6 +96,12 @@ class MoEAdapter:
         """Scores whose order decides which experts the router picks first (logits for softmax routers)."""
         return logits
 
+    def chosen_scores(self, block: nn.Module, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(tokens, k) choice scores of each token's routed experts `indices`: the router's own ranking of
+        them (rank 1 = its first choice), which the weights need not follow (DeepSeek-V3's weights omit
+        the score-correction bias; PhiMoE's sparsemixer weighs each choice within its own softmax)."""
+        return self.choice_scores(block, logits).gather(-1, indices)
+
     def valid_r(self, block: nn.Module) -> list[int]:
         """Numbers of kept experts this block can be pruned to."""
         n, k = self.num_experts(block), self.top_k(block)
@@ -176,15 +182,23 @@ class MoEAdapter:
         """Whether the router rescales the chosen top-k weights to sum to one."""
         return True
 
+    def routed_scaling(self, block: nn.Module) -> float:
+        """Factor the router multiplies its chosen weights by, after any renormalisation."""
+        return 1.0
+
     def weights_after_skip(self, block: nn.Module, weights: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Routing weights once the `skip` slots (tokens, k) are removed from each token's top-k.
 
-        A renormalising router spreads the remaining weight over the remaining experts
-        (the paper's skipping block: w1 -> 1 for Mixtral); rows without a skip are untouched.
+        The result is what the family's router gives when it routes the token to the remaining
+        experts only: a renormalising router gives them its whole total again, one times
+        `routed_scaling` (the paper's skipping block: w1 -> 1 for Mixtral; DeepSeek-V3 and GLM4-MoE
+        with norm_topk_prob: w1 -> routed_scaling_factor); a router that does not renormalise just
+        loses the skipped weights. Rows without a skip are returned untouched.
         """
         w = weights.masked_fill(skip, 0.0)
         if self.renormalizes(block):
-            w = torch.where(skip.any(dim=-1, keepdim=True), w / w.sum(dim=-1, keepdim=True), weights)
+            renormalised = w / w.sum(dim=-1, keepdim=True) * self.routed_scaling(block)
+            w = torch.where(skip.any(dim=-1, keepdim=True), renormalised.to(weights.dtype), weights)
         return w
 
     # ---- expert compute ------------------------------------------------------------
@@ -252,9 +266,11 @@ def _ranges(values: list[int]) -> str:
 
 
 # ---- routing rules: pure functions of logits along the last dimension ---------------------
-# Each replicates a transformers 5.x router's arithmetic op for op (tests compare them with the
-# library's routers bit for bit), but works on any leading dimensions, so that the same rule
-# routes a batch of candidate kept sets at once: logits (..., tokens, experts).
+# Each replicates a transformers 5.x router's arithmetic op for op, but works on any leading
+# dimensions, so that the same rule routes a batch of candidate kept sets at once: logits
+# (..., tokens, experts). Tests feed them the library router's own logits: the same experts are
+# chosen, and the weights agree to float32 rounding. Not bit for bit across shapes: a pruned
+# router's GEMM F.linear(x, W[kept]) can differ from F.linear(x, W)[:, kept] by an ulp on some CPUs.
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax over experts (float32), top-k, optional renormalisation over the k chosen.
@@ -304,6 +320,9 @@ class DeepseekV2Adapter(MoEAdapter):
     def renormalizes(self, block):
         return False
 
+    def routed_scaling(self, block):
+        return float(self.router(block).routed_scaling_factor)
+
     def expert_groups(self, block):
         g = self.router(block)
         if g.topk_method != "group_limited_greedy":
@@ -339,6 +358,9 @@ class DeepseekV3Adapter(MoEAdapter):
 
     def renormalizes(self, block):
         return bool(self.router(block).norm_topk_prob)
+
+    def routed_scaling(self, block):
+        return float(self.router(block).routed_scaling_factor)
 
     def expert_groups(self, block):
         g = self.router(block)

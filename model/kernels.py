@@ -22,9 +22,10 @@ At batch 1 only one or two experts are active, so the down kernel also splits it
 fewer programs than SMs would run and bandwidth would not scale with the experts read.
 
 The skip kernel applies the paper's rule (Sec. 3.2) to one router output in one launch:
-slot j of rank >= 2 is skipped when w_j < beta_j * w_1; skipped slots get the sentinel index
-and weight 0, a renormalising router rescales the kept weights to the original total, and the
-per-layer counters (tokens, skipped slots) are incremented on the device.
+slot j of rank >= 2 (ranked by the router's choice scores) is skipped when w_j < beta_j * w_1;
+skipped slots get the sentinel index and weight 0, a renormalising router rescales the kept
+weights to its total (routed_scaling_factor), and the per-layer counters (tokens, skipped
+slots) are incremented on the device.
 
 `TRITON_INTERPRET=1` runs the same kernels on the CPU (tests do, on small shapes). The
 interpreter's tl.dot mishandles bfloat16 tiles (numpy has no bfloat16), so there UPCAST turns
@@ -134,10 +135,14 @@ def down_kernel(
 
 @triton.jit
 def skip_kernel(
-    w_ptr, idx_ptr, betas_ptr, w_out_ptr, idx_out_ptr, counts_ptr, T,
+    w_ptr, s_ptr, idx_ptr, betas_ptr, w_out_ptr, idx_out_ptr, counts_ptr, T, scale,
     K: tl.constexpr, K_PAD: tl.constexpr, E: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """weights, indices (T, K) -> skipped ones replaced (sentinel E, weight 0); counts += (tokens, skipped)."""
+    """weights, choice scores, indices (T, K) -> skipped slots get (sentinel E, weight 0); counts += (tokens, skipped).
+
+    Slots are ranked by the router's choice scores (ties to the lower slot, a stable sort), w_1 is the
+    weight of the first choice; a renormalising router's kept weights are rescaled to sum to `scale`.
+    """
     pid = tl.program_id(0)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
     k = tl.arange(0, K_PAD)  # (K_PAD,)
@@ -145,23 +150,20 @@ def skip_kernel(
     mk = k < K
     m = mt[:, None] & mk[None, :]
     offs = t[:, None].to(tl.int64) * K + k[None, :]
-    w = tl.load(w_ptr + offs, mask=m, other=float("-inf")).to(tl.float32)  # (BLOCK_T, K_PAD)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)  # (BLOCK_T, K_PAD)
+    sc = tl.load(s_ptr + offs, mask=m, other=float("-inf")).to(tl.float32)
     ids = tl.load(idx_ptr + offs, mask=m, other=E)
-    # rank of slot j among the token's K weights, descending, ties to the lower slot (a stable sort)
-    wj = w[:, :, None]
-    wl = w[:, None, :]
-    before = (wl > wj) | ((wl == wj) & (k[None, None, :] < k[None, :, None]))
-    rank = tl.sum(before.to(tl.int32), axis=2)  # (BLOCK_T, K_PAD), 0 = largest
-    w1 = tl.max(w, axis=1)  # (BLOCK_T,)
+    sj = sc[:, :, None]
+    sl = sc[:, None, :]
+    before = (sl > sj) | ((sl == sj) & (k[None, None, :] < k[None, :, None]))
+    rank = tl.sum(before.to(tl.int32), axis=2)  # (BLOCK_T, K_PAD), 0 = the router's first choice
+    w1 = tl.sum(tl.where(m & (rank == 0), w, 0.0), axis=1)  # (BLOCK_T,)
     beta = tl.load(betas_ptr + rank - 1, mask=m & (rank > 0), other=float("-inf"))  # beta of this rank
     skip = m & (rank > 0) & (w < beta * w1[:, None])
-    wz = tl.where(m, w, 0.0)
-    kept = tl.where(skip, 0.0, wz)
+    kept = tl.where(skip, 0.0, w)
     if RENORM:
-        total = tl.sum(wz, axis=1)
-        kept_sum = tl.sum(kept, axis=1)
-        scale = tl.where(tl.sum(skip.to(tl.int32), axis=1) > 0, total / kept_sum, 1.0)
-        kept = kept * scale[:, None]
+        any_skip = tl.sum(skip.to(tl.int32), axis=1) > 0
+        kept = tl.where(any_skip[:, None], kept / tl.sum(kept, axis=1)[:, None] * scale, kept)
     tl.store(w_out_ptr + offs, kept.to(w_out_ptr.dtype.element_ty), mask=m)
     tl.store(idx_out_ptr + offs, tl.where(skip, E, ids).to(idx_out_ptr.dtype.element_ty), mask=m)
     tl.atomic_add(counts_ptr, tl.sum(mt.to(tl.int64), axis=0))

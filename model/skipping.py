@@ -4,10 +4,12 @@ Two of transformers' own extension points do the work:
 
 1. A forward hook on each MoE layer's router applies the paper's rule to the router's
    output: a token skips its 2nd expert when w2 < beta * w1 (for top-k routers, its j-th
-   expert when w_j < beta_j * w1, j = 2..k; betas are then lists). The skipped slot gets the
-   expert-parallel sentinel index (== num_experts, "no expert") and weight 0, and the
-   remaining weight is renormalised as the family's router does (Mixtral: w1 -> 1),
-   which is what the paper's skipping block computes.
+   expert when w_j < beta_j * w1, j = 2..k; betas are then lists), ranks being the router's
+   own order of choice. The skipped slot gets the expert-parallel sentinel index
+   (== num_experts, "no expert") and weight 0, and the remaining weights become what the
+   family's router gives when it routes the token to the remaining experts only (a
+   renormalising router's whole total, routed_scaling_factor included: Mixtral w1 -> 1, as
+   the paper's skipping block computes).
 2. An experts implementation registered in `ExpertsInterface` ("skip+<base>", e.g.
    "skip+eager") drops the sentinel slots before calling the base implementation, so a
    skipped expert never sees the token: tokens are grouped by their number of active
@@ -91,11 +93,13 @@ def _use_skip_kernel(device: torch.device) -> bool:
     return device.type == "cuda" and triton_available()
 
 
-def skip_kernel(weights: torch.Tensor, indices: torch.Tensor, betas: torch.Tensor, n_experts: int, renormalize: bool,
+def skip_kernel(weights: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor, betas: torch.Tensor,
+                n_experts: int, renormalize: bool, scale: float,
                 counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`skip_rule` + the adapter's renormalisation + sentinel indices + counters, in one Triton kernel.
+    """`skip_rule` + `MoEAdapter.weights_after_skip` + sentinel indices + counters, in one Triton kernel.
 
-    weights, indices: (tokens, k); betas: (k - 1,) float32; counts: (2,) int64, incremented in place.
+    weights, scores, indices: (tokens, k); betas: (k - 1,) float32; scale: the renormalised total
+    (routed_scaling_factor); counts: (2,) int64, incremented in place.
     """
     import triton
 
@@ -104,24 +108,27 @@ def skip_kernel(weights: torch.Tensor, indices: torch.Tensor, betas: torch.Tenso
     t, k = weights.shape
     w_out, i_out = torch.empty_like(weights), torch.empty_like(indices)
     block_t = 64
-    kernel[(triton.cdiv(t, block_t),)](weights.contiguous(), indices.contiguous(), betas, w_out, i_out, counts, t,
-                                      K=k, K_PAD=triton.next_power_of_2(k), E=n_experts, RENORM=renormalize,
+    kernel[(triton.cdiv(t, block_t),)](weights.contiguous(), scores.contiguous(), indices.contiguous(), betas, w_out,
+                                      i_out, counts, t, float(scale), K=k, K_PAD=triton.next_power_of_2(k), E=n_experts, RENORM=renormalize,
                                       BLOCK_T=block_t)
     return w_out, i_out
 
 
-def skip_rule(weights: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+def skip_rule(weights: torch.Tensor, scores: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     """Which routed slots to skip: slot j of rank >= 2 when w_j < beta_j * w_1.
 
-    weights: (tokens, k) routing weights; betas: (k - 1,) thresholds for ranks 2..k.
+    weights: (tokens, k) routing weights; scores: (tokens, k) the router's choice scores of the
+    same slots (`MoEAdapter.chosen_scores`), which rank them: w_1 is the weight of the router's
+    first choice, not necessarily the largest weight. betas: (k - 1,) thresholds for ranks 2..k.
     For top-2 this is the paper's rule w2 < beta * w1. Returns a (tokens, k) bool mask.
     """
-    w1, first = weights.max(dim=-1, keepdim=True)
+    first = scores.argmax(dim=-1, keepdim=True)
+    w1 = weights.gather(-1, first)
     if weights.shape[-1] == 2:  # few kernels: this runs in every MoE layer at every decoding step
         second = 1 - first
         w2 = weights.gather(-1, second)
         return torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, second, w2 < betas * w1)
-    ranks = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = largest
+    ranks = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = first choice
     thresholds = torch.cat([betas.new_full((1,), float("-inf")), betas]).to(weights.dtype)[ranks]
     return weights < thresholds * w1
 
@@ -200,12 +207,14 @@ class DynamicSkipping:
             if key not in self._device_betas:
                 self._device_betas[key] = self.betas[idx].to(weights.device)
             counts = self._counts(idx, weights.device)  # (2,) int64: routed tokens, skipped slots
+            scores = adapter.chosen_scores(block, logits, indices)
             if _use_skip_kernel(weights.device):
                 # One launch instead of ~15 small ops per layer and step (they dominate a graph-captured decode step).
-                new_weights, new_indices = skip_kernel(weights, indices, self._device_betas[key], n_experts,
-                                                       adapter.renormalizes(block), counts)
+                new_weights, new_indices = skip_kernel(weights, scores, indices, self._device_betas[key], n_experts,
+                                                       adapter.renormalizes(block), adapter.routed_scaling(block),
+                                                       counts)
                 return logits, new_weights, new_indices
-            skip = skip_rule(weights, self._device_betas[key])
+            skip = skip_rule(weights, scores, self._device_betas[key])
             new_weights = adapter.weights_after_skip(block, weights, skip)
             new_indices = indices.masked_fill(skip, n_experts)
             counts[0] += skip.shape[0]  # in place: stays correct when the step is replayed from a CUDA graph

@@ -84,11 +84,12 @@ def skip_checks() -> list[dict]:
         idx = torch.stack([torch.randperm(64, device="cuda")[:k] for _ in range(4096)])
         betas = torch.rand(k - 1, device="cuda")
         counts = torch.zeros(2, dtype=torch.long, device="cuda")
-        w2, i2 = skip_kernel(w, idx, betas, 64, renorm, counts)
-        skip = skip_rule(w, betas)
+        scores = torch.where(torch.arange(4096, device="cuda")[:, None] % 2 == 0, w, torch.rand_like(w))
+        w2, i2 = skip_kernel(w, scores, idx, betas, 64, renorm, 2.5, counts)
+        skip = skip_rule(w, scores, betas)
         ref_w = w.masked_fill(skip, 0.0)
         if renorm:
-            ref_w = torch.where(skip.any(-1, keepdim=True), ref_w / ref_w.sum(-1, keepdim=True) * w.sum(-1, keepdim=True), w)
+            ref_w = torch.where(skip.any(-1, keepdim=True), ref_w / ref_w.sum(-1, keepdim=True) * 2.5, w)
         rows.append({"k": k, "renormalize": renorm, "decisions_equal": bool(((i2 == 64) == skip).all()),
                      "indices_equal": bool((i2 == idx.masked_fill(skip, 64)).all()),
                      "max_abs_weight_diff": (w2 - ref_w).abs().max().item(),

@@ -144,14 +144,17 @@ def test_skip_kernel_matches_torch_rule(interpret, k, renorm):
     if renorm:
         w = w / w.sum(-1, keepdim=True) * 2.5  # a routed_scaling_factor: kept weights keep this total
     idx, _ = _routing(t, k, e, gen)
+    # The router's choice scores rank the slots; half the rows rank them otherwise than the weights do
+    # (DeepSeek-V3's score-correction bias does that).
+    scores = torch.where(torch.arange(t)[:, None] % 2 == 0, w, torch.rand(t, k, generator=gen))
     betas = torch.rand(k - 1, generator=gen)
     counts = torch.zeros(2, dtype=torch.long)
-    w2, i2 = skip_kernel(w, idx, betas, e, renorm, counts)
-    skip = skip_rule(w, betas)
+    w2, i2 = skip_kernel(w, scores, idx, betas, e, renorm, 2.5, counts)
+    skip = skip_rule(w, scores, betas)
     assert torch.equal(i2, idx.masked_fill(skip, e))  # decisions: exact
     ref = w.masked_fill(skip, 0.0)
-    if renorm:  # hand-written: rows with a skip rescaled to the original total
-        ref = torch.where(skip.any(-1, keepdim=True), ref / ref.sum(-1, keepdim=True) * w.sum(-1, keepdim=True), w)
+    if renorm:  # hand-written: rows with a skip rescaled to the router's total, 2.5
+        ref = torch.where(skip.any(-1, keepdim=True), ref / ref.sum(-1, keepdim=True) * 2.5, w)
     torch.testing.assert_close(w2, ref, atol=1e-6, rtol=1e-6)
     assert counts.tolist() == [t, int(skip.sum())]
     assert 0 < int(skip.sum()) < t * (k - 1)  # the test exercises both outcomes
