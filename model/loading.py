@@ -2,16 +2,66 @@
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import os
+import re
+from pathlib import Path
 
-from .skipping import DynamicSkipping
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .skipping import BetasError, DynamicSkipping
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
+# A Hugging Face Hub id ("name" or "org/name"); anything else can only be a local folder.
+HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
 
 
-def load_model(path: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               skipping: bool = True, tokenizer_path: str | None = None, **from_pretrained_kwargs):
+class CheckpointError(ValueError):
+    """A model path that cannot be a checkpoint: no such folder, or a folder without config.json."""
+
+
+def looks_local(path: str) -> bool:
+    """True for what can only be a local path: not a hub id ("/abs", "./x", "~/x", "a/b/c"), or "a/b" with a
+    local folder "a" (e.g. "output/run"), where a typo should not send transformers to the hub."""
+    return not HUB_ID.match(path) or ("/" in path and Path(path.split("/")[0]).is_dir())
+
+
+def check_model_path(path: str) -> None:
+    """Fail at once on a local path that is not a checkpoint (instead of transformers' hub-id errors and
+    retries); a hub id passes unchecked."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"model folder {path} has no config.json: not a checkpoint folder")
+    elif p.exists():
+        raise CheckpointError(f"model path {path} is a file: give the checkpoint's folder")
+    elif looks_local(path):
+        raise CheckpointError(f"model path {path}: no such folder")
+
+
+def check_checkpoint(path: str | os.PathLike, skipping: bool = True, trust_remote_code: bool = False):
+    """What can be checked before any weight is read: the path, its config and (when `skipping`) its `betas`,
+    against the model's MoE layers built on the meta device. Returns the config.
+
+    Raises CheckpointError, BetasError, MoEError (betas on a model with no supported MoE layer), and
+    OSError/ValueError from transformers for an unreadable config.
+    """
+    path = os.path.expanduser(path)
+    check_model_path(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if skipping and hasattr(config, "betas"):
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        try:
+            DynamicSkipping(skeleton)  # validates the betas; hooks exist only after enable()
+        except BetasError as e:
+            raise BetasError(f"{Path(path) / 'config.json'}: {e}") from None
+    return config
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, skipping: bool = True, tokenizer_path: str | None = None,
+               **from_pretrained_kwargs):
     """Load a (pruned, skipping, or plain) checkpoint and its tokenizer.
 
     device: "cuda", "cuda:1", "cpu", or "auto" (accelerate's device_map, for models larger
@@ -19,12 +69,16 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: str |
     dtype:  a torch dtype or its name; default: the checkpoint's own dtype.
     When the config has `betas` (ours or the original code's checkpoints) and `skipping`
     is true, dynamic skipping is switched on; `model.dynamic_skipping` is its controller
-    (`.disable()`, `.enable()`, `.stats()`), None otherwise.
+    (`.disable()`, `.enable()`, `.stats()`), None otherwise. Bad betas (see
+    `model.skipping.check_betas`) and a local path that is not a checkpoint raise before
+    any weight is read.
     """
+    path = os.path.expanduser(path)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    config = check_checkpoint(path, skipping, bool(from_pretrained_kwargs.get("trust_remote_code")))
     kwargs = {"dtype": dtype if dtype is not None else "auto", **from_pretrained_kwargs}
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,6 +90,6 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: str |
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
     model.dynamic_skipping = None
-    if skipping and getattr(model.config, "betas", None):
+    if skipping and hasattr(config, "betas"):
         model.dynamic_skipping = DynamicSkipping(model).enable()
     return model, tokenizer
