@@ -10,9 +10,10 @@ import re
 
 import pytest
 import torch
-from conftest import save_model, tiny_mixtral_config
+from conftest import save_model, shared_path, tiny_mixtral_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from eval import benchmark_speed, perplexity, run_lm_eval
 from model import DynamicSkipping, load_model
 from model.loading import check_checkpoint
 from model.skipping import BetasError, check_betas
@@ -134,6 +135,45 @@ def test_load_model_with_good_betas_skips(tmp_path, tokenizer_dir):
     model, _ = load_model(path, device="cpu")
     assert model.dynamic_skipping.enabled
     assert {i: b.tolist() for i, b in model.dynamic_skipping.betas.items()} == {0: [0.0], 1: [1.0]}
+
+
+# ---- every eval script: one line on stderr, exit code 2 ---------------------------------------
+@pytest.fixture
+def texts_file(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} has some words in it."}) + "\n" for i in range(20)))
+    return path
+
+
+def run_script(script: str, ckpt, tmp_path, texts_file) -> int:
+    if script == "perplexity":
+        return perplexity.main(["--model_path", str(ckpt), "--data", str(texts_file), "--block_size", "8",
+                                "--device", "cpu", "--output", str(tmp_path / "out.json")])
+    if script == "benchmark_speed":
+        alpaca = shared_path("prompts/alpaca_en_demo.json")
+        return benchmark_speed.main(["--model_name_or_path", str(ckpt), "--data_path", str(alpaca), "--device", "cpu",
+                                     "--output", str(tmp_path / "out.json")])
+    data = tmp_path / "eval_data"
+    data.mkdir(exist_ok=True)
+    (data / "arc_easy_test.jsonl").write_text("")
+    return run_lm_eval.main(["--model_path", str(ckpt), "--tasks", "arc_easy_local", "--data_dir", str(data),
+                             "--device", "cpu", "--output_path", str(tmp_path / "out.json")])
+
+
+BAD_FOR_SCRIPTS = [({"0": 0.5, "1": v}, f"`betas` entry of layer 1 is {s}: ") for v, s in BAD_TOP2] + \
+                  [(v, f"`betas` is {s}: ") for v, s in BAD_WHOLE]
+
+
+@pytest.mark.parametrize("script", ["perplexity", "benchmark_speed", "run_lm_eval"])
+@pytest.mark.parametrize("betas, needle", BAD_FOR_SCRIPTS, ids=[json.dumps(b) for b, _ in BAD_FOR_SCRIPTS])
+def test_every_eval_script_reports_bad_betas(script, betas, needle, tmp_path, tokenizer_dir, texts_file, capsys,
+                                             monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # run_lm_eval sets it with setdefault: keep it in this test
+    ckpt = config_only_checkpoint(tmp_path / "ckpt", betas, tokenizer_dir=tokenizer_dir)
+    assert run_script(script, ckpt, tmp_path, texts_file) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{ckpt / 'config.json'}: {needle}" in err, err
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_nan_is_read_from_config_json_as_nan(tmp_path):
