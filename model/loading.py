@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .skipping import BetasError, DynamicSkipping
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
+# from_pretrained arguments that say where the config is (the rest are the model's).
+CONFIG_LOCATION_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "trust_remote_code")
 # A Hugging Face Hub id ("name" or "org/name"); anything else can only be a local folder.
 HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
 
@@ -39,23 +41,27 @@ def check_model_path(path: str) -> None:
         raise CheckpointError(f"model path {path}: no such folder")
 
 
-def check_checkpoint(path: str | os.PathLike, skipping: bool = True, trust_remote_code: bool = False):
+def check_checkpoint(path: str | os.PathLike, skipping: bool = True, **location_kwargs):
     """What can be checked before any weight is read: the path, its config and (when `skipping`) its `betas`,
     against the model's MoE layers built on the meta device. Returns the config.
 
+    location_kwargs: from_pretrained's CONFIG_LOCATION_KWARGS (revision, subfolder, trust_remote_code, ...).
     Raises CheckpointError, BetasError, MoEError (betas on a model with no supported MoE layer), and
     OSError/ValueError from transformers for an unreadable config.
     """
     path = os.path.expanduser(path)
-    check_model_path(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    subfolder = location_kwargs.get("subfolder")
+    folder = os.path.join(path, subfolder) if subfolder and os.path.isdir(path) else path  # where config.json is
+    check_model_path(folder)
+    config = AutoConfig.from_pretrained(path, **location_kwargs)
     if skipping and hasattr(config, "betas"):
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            skeleton = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=bool(location_kwargs.get("trust_remote_code")))
         try:
             DynamicSkipping(skeleton)  # validates the betas; hooks exist only after enable()
         except BetasError as e:
-            raise BetasError(f"{Path(path) / 'config.json'}: {e}") from None
+            raise BetasError(f"{Path(folder, 'config.json')}: {e}") from None
     return config
 
 
@@ -78,7 +84,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    config = check_checkpoint(path, skipping, bool(from_pretrained_kwargs.get("trust_remote_code")))
+    config = check_checkpoint(path, skipping, **{k: v for k, v in from_pretrained_kwargs.items()
+                                                 if k in CONFIG_LOCATION_KWARGS})
     kwargs = {"dtype": dtype if dtype is not None else "auto", **from_pretrained_kwargs}
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

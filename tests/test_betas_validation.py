@@ -181,3 +181,11 @@ def test_nan_is_read_from_config_json_as_nan(tmp_path):
     path = config_only_checkpoint(tmp_path / "ckpt", {"0": NAN, "1": 0.5})
     assert "NaN" in (path / "config.json").read_text()
     assert math.isnan(check_checkpoint(path, skipping=False).betas["0"])
+
+
+def test_check_checkpoint_reads_where_from_pretrained_would(tmp_path):
+    """from_pretrained's location arguments (here subfolder) reach the early check too."""
+    config_only_checkpoint(tmp_path / "outer" / "sub", {"0": 0.5, "1": -1})
+    with pytest.raises(BetasError, match=re.escape(f"{tmp_path / 'outer' / 'sub' / 'config.json'}: `betas` entry")):
+        check_checkpoint(tmp_path / "outer", subfolder="sub")
+    assert check_checkpoint(tmp_path / "outer", skipping=False, subfolder="sub").betas == {"0": 0.5, "1": -1}
