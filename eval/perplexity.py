@@ -31,7 +31,7 @@ from cli import UsageError, check_output_file, fail  # noqa: E402
 from data import DataFileError, read_texts  # noqa: E402
 from data.calib import quiet_tokenizer  # noqa: E402
 from model import MoEError, load_model  # noqa: E402
-from model.loading import DTYPES, CheckpointError, check_model_path  # noqa: E402
+from model.loading import DTYPES, CheckpointError, check_checkpoint  # noqa: E402
 from model.skipping import BetasError  # noqa: E402
 
 BAD_INPUT = (DataFileError, CheckpointError, BetasError, MoEError)
@@ -99,7 +99,11 @@ def read_data(args: argparse.Namespace) -> list[str]:
 
 def scored_blocks(args: argparse.Namespace, texts: list[str]) -> torch.Tensor:
     """The blocks, from the checkpoint's tokenizer alone: too little text fails before the model loads."""
-    check_model_path(args.model_path)
+    try:  # the path, the config and its betas first (a hub id that cannot be reached fails here, once)
+        check_checkpoint(args.model_path, skipping=not args.no_skipping)
+    except OSError as e:
+        raise UsageError(f"cannot read a model config from {args.model_path}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.model_path))
     except (OSError, ValueError) as e:
@@ -108,7 +112,8 @@ def scored_blocks(args: argparse.Namespace, texts: list[str]) -> torch.Tensor:
         return token_blocks(texts, tokenizer, args.block_size)
     except DataFileError as e:
         more = " or pass --max_docs 0 to read every document" if len(texts) == args.max_docs else ""
-        raise UsageError(f"--data {args.data} ({len(texts)} documents): {e}; lower --block_size{more}") from None
+        docs = f"{len(texts)} document" + ("s" if len(texts) != 1 else "")
+        raise UsageError(f"--data {args.data} ({docs}): {e}; lower --block_size{more}") from None
 
 
 def run(args: argparse.Namespace) -> dict:

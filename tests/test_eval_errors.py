@@ -55,7 +55,7 @@ def test_too_few_tokens_for_one_block(tmp_path, capsys, no_weights, tokenizer_di
     data.write_text(json.dumps({"text": "two words"}) + "\n")
     n = len(AutoTokenizer.from_pretrained(tokenizer_dir)("two words")["input_ids"]) + 1  # + EOS
     err = ppl(tmp_path, capsys, "--model_path", str(no_weights), "--data", str(data), "--block_size", "64")
-    assert f"--data {data} (1 documents): the text gives {n} tokens, fewer than one block of 64" in err
+    assert f"--data {data} (1 document): the text gives {n} tokens, fewer than one block of 64" in err
     assert err.endswith("lower --block_size")
 
 
