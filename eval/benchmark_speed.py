@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -38,15 +39,20 @@ from tqdm import tqdm  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList, set_seed  # noqa: E402
 
+from huggingface_hub.errors import StrictDataclassError  # noqa: E402
+
+from cli import UsageError, check_output_file, fail, one_line  # noqa: E402
 from model import DynamicSkipping, load_model  # noqa: E402
+from model.loading import DTYPES, CheckpointError, check_checkpoint  # noqa: E402
 from model.static_decode import StaticDecoder  # noqa: E402
-from model.loading import DTYPES  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
+from model.skipping import BetasError, check_betas  # noqa: E402
 
 logger = logging.getLogger("benchmark_speed")
 
 DEFAULT_DATA = "data/alpaca_data_cleaned.json"
 DATA_URL = "https://huggingface.co/datasets/yahma/alpaca-cleaned"
+ALPACA_FORMAT = "a JSON array of {\"instruction\", \"input\", \"output\"} strings, as alpaca_data_cleaned.json"
 GIB = 2**30
 
 # Shapes of the released checkpoints' config.json (weights are random): (model_type, config entries).
@@ -61,10 +67,6 @@ PRESETS = {
                                         head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
                                         vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6)),
 }
-
-
-class UsageError(Exception):
-    """Bad flags or missing files: reported as one line on stderr, exit code 2, nothing written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +159,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--engine {args.engine} decodes greedily: drop --do_sample / --num_beams or use --engine hf")
     if args.engine != "hf" and args.device == "auto":
         raise UsageError(f"--engine {args.engine} runs the model on one device: use --device cuda or cuda:N")
+    check_output_file(args.output, "--output")  # before the model loads, not after the measurements
 
 
 def resolve_device(name: str | None) -> str:
@@ -184,7 +187,40 @@ def data_file(args: argparse.Namespace) -> Path:
     if not path.is_file():
         raise UsageError(f"Alpaca data file {path} not found: download alpaca_data_cleaned.json from {DATA_URL} "
                          f"to {REPO / DEFAULT_DATA} or pass --data_path")
+    check_alpaca(path)
     return path
+
+
+def check_alpaca(path: Path) -> None:
+    """The data file holds Alpaca examples. Read here before the slow model load (and again by
+    `alpaca_prompts` once the tokenizer exists: a second JSON parse costs well under a second)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"Alpaca data file {path} is not valid JSON ({e}); expected {ALPACA_FORMAT}") from None
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"Alpaca data file {path} holds {json.dumps(data)[:40]}, not a non-empty JSON array; "
+                         f"expected {ALPACA_FORMAT}")
+    for n, example in enumerate(data):
+        if not isinstance(example, dict) or not all(isinstance(example.get(k), str)
+                                                    for k in ("instruction", "input", "output")):
+            raise UsageError(f"Alpaca data file {path}: example {n} is {json.dumps(example)[:60]}; "
+                             f"expected {ALPACA_FORMAT}")
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The --random_init config with its --set values, or the checkpoint's folder, config and betas: before
+    anything is logged or loaded."""
+    if args.random_init:
+        random_init_config(args.random_init, parse_overrides(args.overrides))
+        return
+    try:
+        check_checkpoint(args.model_name_or_path, skipping=not args.no_skipping and args.betas is None,
+                         trust_remote_code=args.trust_remote_code)
+    except OSError as e:  # an unreadable config, or a hub id that is not reachable
+        raise UsageError(f"cannot load --model_name_or_path {args.model_name_or_path}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -207,11 +243,16 @@ def parse_betas(text: str | None) -> float | dict | None:
         betas = json.loads(text)
     except json.JSONDecodeError:
         raise UsageError(f"--betas {text!r} is neither a number nor a JSON dict") from None
-    if isinstance(betas, (int, float)) and not isinstance(betas, bool):
-        return float(betas)
     if isinstance(betas, dict):
+        try:
+            check_betas(betas)  # the form; the layers are matched once the model exists
+        except BetasError as e:
+            raise UsageError(f"--betas: {e}") from None
         return betas
-    raise UsageError(f"--betas {text!r} is neither a number nor a JSON dict")
+    if isinstance(betas, (int, float)) and not isinstance(betas, bool) and math.isfinite(betas) and betas >= 0:
+        return float(betas)
+    raise UsageError(f"--betas {text}: expected a finite number >= 0 (0 never skips) or a JSON dict "
+                     "{\"<layer index>\": beta}")
 
 
 # ---- model -------------------------------------------------------------------------------
@@ -231,11 +272,32 @@ def random_init_config(spec: str, overrides: dict) -> transformers.PreTrainedCon
     unknown = sorted(set(overrides) - set(entries))
     if unknown:
         raise UsageError(f"--set {', '.join(unknown)}: not in the {config.model_type} config")
+    overrides = {key: typed_override(key, value, entries[key], config.model_type) for key, value in overrides.items()}
     # Rebuild rather than setattr, so that entries derived in __init__ follow the overrides.
     try:
         return type(config).from_dict({**entries, **overrides})
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--set gives an invalid {config.model_type} config: {e}") from None
+    except (TypeError, ValueError, StrictDataclassError) as e:  # the config class's own validators
+        raise UsageError(f"--set gives an invalid {config.model_type} config: {one_line(e)}") from None
+
+
+# JSON types of config entries and how --set names them; bool before int (a bool is an int in Python).
+OVERRIDE_TYPES = ((bool, "true or false"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                  (list, "a JSON list"), (dict, "a JSON object"))
+
+
+def typed_override(key: str, value, current, model_type: str):
+    """A --set value of the entry's type, in words when it is not (num_local_experts=abc), an integer turned
+    into a float for a float entry (rms_norm_eps=1); an entry that is null (unset) takes any value."""
+    for kind, name in OVERRIDE_TYPES:
+        if isinstance(current, kind):
+            ok = isinstance(value, (int, float) if kind is float else kind)
+            if kind is not bool:
+                ok = ok and not isinstance(value, bool)
+            if not ok:
+                raise UsageError(f"--set {key}={json.dumps(value)}: {model_type} {key} expects {name} "
+                                 f"(now {json.dumps(current)})")
+            return float(value) if kind is float else value
+    return value
 
 
 def build_random_model(config, device: str, dtype: torch.dtype, impl_kwargs: dict):
@@ -528,6 +590,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     betas = parse_betas(args.betas)
     needs_data = not args.random_init or args.tokenizer_name_or_path
     path = data_file(args) if needs_data else None  # before the slow model load
+    check_model_flags(args)
     set_seed(args.seed)
 
     logger.info("loading %s on %s", args.random_init or args.model_name_or_path, device)
@@ -568,9 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = benchmark(args)
-    except UsageError as e:
-        print(f"benchmark_speed.py: error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, CheckpointError, BetasError, MoEError) as e:
+        return fail("benchmark_speed.py", e)
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from itertools import chain
 from pathlib import Path
@@ -24,9 +25,16 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from transformers import AutoTokenizer  # noqa: E402
+
+from cli import UsageError, check_output_file, fail  # noqa: E402
 from data import DataFileError, read_texts  # noqa: E402
 from data.calib import quiet_tokenizer  # noqa: E402
-from model import load_model  # noqa: E402
+from model import MoEError, load_model  # noqa: E402
+from model.loading import DTYPES, CheckpointError, check_checkpoint  # noqa: E402
+from model.skipping import BetasError  # noqa: E402
+
+BAD_INPUT = (DataFileError, CheckpointError, BetasError, MoEError)
 
 
 def token_blocks(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
@@ -55,7 +63,7 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> dict:
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens_scored": count}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, help="checkpoint folder")
     p.add_argument("--data", required=True, help="JSON-lines file (plain, .gz or .xz) or JSON array")
@@ -67,21 +75,68 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", help="bfloat16, float16, float32 or auto (default: float32)")
     p.add_argument("--no_skipping", action="store_true", help="ignore the checkpoint's betas")
     p.add_argument("--output", default=None, help="write the result as JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("block_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_docs < 0:
+        raise UsageError(f"--max_docs must be >= 0 (0: every document), got {args.max_docs}")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
+    check_output_file(args.output, "--output")
+
+
+def read_data(args: argparse.Namespace) -> list[str]:
     try:
         texts = read_texts(args.data, field=args.field)
-    except (FileNotFoundError, DataFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.max_docs > 0:
-        texts = texts[: args.max_docs]
-    model, tokenizer = load_model(args.model_path, device=args.device, dtype=args.dtype,
-                                  skipping=not args.no_skipping)
+    except FileNotFoundError:
+        raise UsageError(f"--data {args.data}: no such file") from None
+    return texts[: args.max_docs] if args.max_docs > 0 else texts
+
+
+def scored_blocks(args: argparse.Namespace, texts: list[str]) -> torch.Tensor:
+    """The blocks, from the checkpoint's tokenizer alone: too little text fails before the model loads."""
+    try:  # the path, the config and its betas first (a hub id that cannot be reached fails here, once)
+        check_checkpoint(args.model_path, skipping=not args.no_skipping)
+    except OSError as e:
+        raise UsageError(f"cannot read a model config from {args.model_path}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.model_path))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer of {args.model_path}: {str(e).strip().splitlines()[0]}") from None
+    try:
+        return token_blocks(texts, tokenizer, args.block_size)
+    except DataFileError as e:
+        more = " or pass --max_docs 0 to read every document" if len(texts) == args.max_docs else ""
+        docs = f"{len(texts)} document" + ("s" if len(texts) != 1 else "")
+        raise UsageError(f"--data {args.data} ({docs}): {e}; lower --block_size{more}") from None
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_args(args)
+    texts = read_data(args)
+    blocks = scored_blocks(args, texts)
+    try:
+        model, _ = load_model(args.model_path, device=args.device, dtype=args.dtype, skipping=not args.no_skipping)
+    except OSError as e:  # no weights, an unreadable config, ...
+        raise UsageError(f"cannot load a model from {args.model_path}: {str(e).strip().splitlines()[0]}") from None
     result = {"model_path": args.model_path, "data": args.data, "field": args.field, "documents": len(texts),
-              "block_size": args.block_size, "dtype": args.dtype,
-              **perplexity(model, token_blocks(texts, tokenizer, args.block_size), args.batch_size)}
+              "block_size": args.block_size, "dtype": args.dtype, **perplexity(model, blocks, args.batch_size)}
     if model.dynamic_skipping is not None:
         result["skip_rate"] = model.dynamic_skipping.stats()["skip_rate"]
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (UsageError, *BAD_INPUT) as e:
+        return fail("perplexity.py", e)
     print(json.dumps(result, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

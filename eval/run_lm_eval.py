@@ -30,16 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python eval/run_lm_eval.py`: make `model` importable
     sys.path.insert(0, str(REPO))
 
+from cli import UsageError, check_output_dir, fail  # noqa: E402
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DATA_ENV = "MOE_EVAL_DATA"
 PLACEHOLDER = "${" + DATA_ENV + "}"
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "eval"
-# A Hugging Face Hub id ("name" or "org/name"); anything else must be a local folder.
-HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
-
-
-class UsageError(Exception):
-    """Bad flags, task names or paths: reported as one line (exit code 2), nothing written."""
 
 
 # ---- local tasks ------------------------------------------------------------------------------
@@ -71,6 +67,29 @@ def check_data_files(data_dir: Path, tasks: list[str], local: dict[str, list[str
             if not (data_dir / name).is_file():
                 raise UsageError(f"task {task} needs {data_dir / name}, which is missing: pass --data_dir DIR "
                                  f"or set {DATA_ENV} to the folder that holds {name}")
+
+
+def check_task_files(folders: list[Path]) -> None:
+    """Every task YAML that lm-eval will index parses: lm-eval skips one that does not without a word, and
+    would then call its task unknown."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # lm-eval's tags (`!function module.fn`) only need to parse here
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for folder in folders:
+        for path in sorted(folder.rglob("*.yaml")):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    yaml.load(f, Loader=Loader)  # noqa: S506 (SafeLoader plus inert tags)
+            except yaml.MarkedYAMLError as e:
+                mark = e.problem_mark or e.context_mark
+                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+                raise UsageError(f"task file {path} does not parse ({where}{e.problem or e.context}): "
+                                 "fix or remove it") from None
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise UsageError(f"task file {path} does not parse ({e}): fix or remove it") from None
 
 
 def materialise_local_tasks(data_dir: Path, dest: Path) -> None:
@@ -107,17 +126,13 @@ def task_manager(tasks: list[str], local_dir: Path | None, include_path: Path | 
 def load(args):
     from model import load_model
 
-    path = Path(args.model_path).expanduser()
-    if not path.exists():
-        if not HUB_ID.match(args.model_path):
-            raise UsageError(f"model path {args.model_path} does not exist")
-        path = args.model_path  # a Hub id
     try:
-        return load_model(str(path), device=args.device, dtype=args.dtype, skipping=not args.no_skipping)
-    except OSError as e:  # transformers' "not a local folder and not a valid model identifier" and the like
-        raise UsageError(f"cannot load a model from {args.model_path}: {str(e).strip().splitlines()[0]}") from e
-    except ValueError as e:  # a dtype that load_model does not know
-        raise UsageError(str(e)) from e
+        # Checks the path, the config and its betas before any weight is read.
+        return load_model(args.model_path, device=args.device, dtype=args.dtype, skipping=not args.no_skipping)
+    except OSError as e:  # transformers' "not a valid model identifier", missing weights and the like
+        raise UsageError(f"cannot load a model from {args.model_path}: {str(e).strip().splitlines()[0]}") from None
+    except ValueError as e:  # no such folder, no config.json, bad betas (BetasError), an unknown dtype
+        raise UsageError(str(e)) from None
 
 
 # ---- evaluation and output ----------------------------------------------------------------------
@@ -165,9 +180,11 @@ def run(args) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UsageError("--tasks is empty")
+    check_output_dir(args.output_path, "--output_path")  # before the evaluation, not after it
     include_path = Path(args.include_path) if args.include_path else None
     if include_path is not None and not include_path.is_dir():
         raise UsageError(f"--include_path {include_path} is not a folder")
+    check_task_files([TASKS_DIR] + ([include_path] if include_path else []))
     local = local_tasks()
     wanted_local = [t for t in tasks if t in local]
     data_dir = None
@@ -247,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail("run_lm_eval.py", e)
     return 0
 
 

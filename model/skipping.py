@@ -23,6 +23,9 @@ Two of transformers' own extension points do the work:
 
 from __future__ import annotations
 
+import json
+import math
+
 import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
@@ -133,29 +136,96 @@ def skip_rule(weights: torch.Tensor, scores: torch.Tensor, betas: torch.Tensor) 
     return weights < thresholds * w1
 
 
+class BetasError(ValueError):
+    """`betas` that are not one finite threshold >= 0 per skippable rank of every MoE layer."""
+
+
+def _is_threshold(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _shown(value) -> str:
+    """The value as config.json spells it (NaN, Infinity, null, true, "text")."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _needs(layer: str, k: int | None) -> str:
+    if k is None:
+        return "expected a finite number >= 0 (a list of k - 1 of them for a top-k layer, k > 2)"
+    if k == 2:
+        return f"layer {layer} routes to top-2, so it needs one threshold: a finite number >= 0"
+    return (f"layer {layer} routes to top-{k}, so it needs {k - 1} thresholds (ranks 2..{k}): "
+            f"a list of {k - 1} finite numbers >= 0")
+
+
+def check_betas(betas, top_k: dict[int, int] | None = None) -> dict[int, list[float]]:
+    """Validate `betas` ({"<MoE layer index>": threshold(s)}); returns {layer: [beta_2, ..., beta_k]}.
+
+    A top-2 layer takes one number (the paper's and the original code's format), a top-k layer a
+    list of k - 1 (ranks 2..k); each is finite and >= 0 (0 never skips, above 1 always skips).
+    With `top_k` ({layer: k} of every MoE layer) the entries must match those layers exactly;
+    without it (no model yet) only their form is checked. Raises BetasError naming the layer
+    and the bad value.
+    """
+    if not isinstance(betas, dict) or not betas:
+        raise BetasError(f"`betas` is {_shown(betas)}: expected a JSON object {{\"<MoE layer index>\": beta}} "
+                         "with an entry for every MoE layer")
+    out: dict[int, list[float]] = {}
+    for key, value in betas.items():
+        if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            layer = key
+        elif isinstance(key, str) and key.isdigit():
+            layer = int(key)
+        else:
+            raise BetasError(f"`betas` key {_shown(key)} is not a layer index (expected \"0\", \"1\", ...)")
+        if top_k is not None and layer not in top_k:
+            raise BetasError(f"`betas` has an entry for layer {key}, which is not a MoE layer "
+                             f"(MoE layers: {', '.join(map(str, sorted(top_k)))})")
+        k = None if top_k is None else top_k[layer]
+        is_list = isinstance(value, (list, tuple))
+        if k == 2 or (k is None and not is_list):
+            values = [value]
+        elif is_list and value and (k is None or len(value) == k - 1):
+            values = list(value)
+        else:
+            values = [None]  # the wrong form for this layer: reported below
+        if not all(map(_is_threshold, values)):
+            raise BetasError(f"`betas` entry of layer {key} is {_shown(value)}: {_needs(str(key), k)}")
+        out[layer] = [float(v) for v in values]
+    missing = sorted(set(top_k or ()) - set(out))
+    if missing:
+        raise BetasError(f"`betas` has no entry for MoE layer {missing[0]} (has {', '.join(map(str, sorted(out)))}); "
+                         "recalibrate with `python main.py --method dynamic_skipping`")
+    return out
+
+
 class DynamicSkipping:
     """Owner of the router hooks and experts-implementation switch that make a model skip."""
 
     def __init__(self, model: nn.Module, betas: dict | None = None):
+        """betas: {"<MoE layer>": threshold(s)} (see `check_betas`); default: the model config's `betas`.
+
+        Everything is checked here, before any hook exists: on a meta-device skeleton this
+        validates a checkpoint's betas without reading its weights (`model.loading` does so).
+        """
         self.model = model
-        betas = betas if betas is not None else getattr(model.config, "betas", None)
-        if not betas:
-            raise ValueError("this model has no `betas` in its config: run `python main.py --method dynamic_skipping` "
-                             "on it first, or pass betas")
+        if betas is None:
+            if not hasattr(model.config, "betas"):
+                raise ValueError("this model has no `betas` in its config: run `python main.py --method "
+                                 "dynamic_skipping` on it first, or pass betas")
+            betas = model.config.betas
         self.blocks = find_moe_blocks(model)
-        self.betas: dict[int, torch.Tensor] = {}
+        top_k = {}
         for idx, (adapter, block) in self.blocks.items():
-            k = adapter.top_k(block)
-            if k < 2:
+            top_k[idx] = adapter.top_k(block)
+            if top_k[idx] < 2:
                 raise UnsupportedRoutingError(f"layer {idx} routes each token to one expert: nothing to skip")
-            if str(idx) not in betas:
-                raise ValueError(f"`betas` has no entry for MoE layer {idx} (has {sorted(betas, key=int)})")
-            value = betas[str(idx)]
-            value = [value] if isinstance(value, (int, float)) else list(value)
-            if len(value) != k - 1:
-                raise ValueError(f"layer {idx} routes to top-{k}: its `betas` entry needs {k - 1} thresholds "
-                                 f"(ranks 2..{k}), got {len(value)}; recalibrate with --method dynamic_skipping")
-            self.betas[idx] = torch.tensor([float(v) for v in value], dtype=torch.float32)
+        # (k - 1,) thresholds for ranks 2..k of each MoE layer
+        self.betas: dict[int, torch.Tensor] = {idx: torch.tensor(v, dtype=torch.float32)
+                                               for idx, v in check_betas(betas, top_k).items()}
         self._device_betas: dict = {}  # (layer, device) -> betas there: no host-to-device copy per step
         self._device_counts: dict = {}  # (layer, device) -> tensor([tokens, skipped]), updated on the device
         self._handles: list = []

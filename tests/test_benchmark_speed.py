@@ -138,8 +138,95 @@ def test_missing_data_file(tmp_path, capsys):
     (["--set", "num_local_experts=6"], "--set"),
     (["--betas", "0.5", "--no_skipping"], "--betas"),
     (["--random_init", "mixtral-8x7b", "--betas", "fast"], "--betas"),
+    # A --set value of another type than the config entry's.
+    (["--random_init", "mixtral-8x7b", "--set", "num_local_experts=abc"],
+     '--set num_local_experts="abc": mixtral num_local_experts expects an integer (now 8)'),
+    (["--random_init", "mixtral-8x7b", "--set", "num_local_experts=6.5"], "num_local_experts expects an integer"),
+    (["--random_init", "mixtral-8x7b", "--set", "num_local_experts=true"], "num_local_experts expects an integer"),
+    (["--random_init", "mixtral-8x7b", "--set", "rms_norm_eps=small"], "rms_norm_eps expects a number"),
+    (["--random_init", "mixtral-8x7b", "--set", "hidden_act=5"], "hidden_act expects a string"),
+    (["--random_init", "mixtral-8x7b", "--set", "tie_word_embeddings=1"], "tie_word_embeddings expects true or false"),
+    # --betas: one finite threshold >= 0, or a dict of them.
+    (["--random_init", "mixtral-8x7b", "--betas", "-0.5"], "--betas -0.5: expected a finite number >= 0"),
+    (["--random_init", "mixtral-8x7b", "--betas", "NaN"], "--betas NaN: expected a finite number >= 0"),
+    (["--random_init", "mixtral-8x7b", "--betas", "Infinity"], "--betas Infinity: expected a finite number >= 0"),
+    (["--random_init", "mixtral-8x7b", "--betas", "true"], "--betas true: expected a finite number >= 0"),
+    (["--random_init", "mixtral-8x7b", "--betas", '"0.5"'], '--betas "0.5": expected a finite number >= 0'),
+    (["--random_init", "mixtral-8x7b", "--betas", "[0.5]"], "--betas [0.5]: expected a finite number >= 0"),
+    (["--random_init", "mixtral-8x7b", "--betas", '{"0": -1}'], "--betas: `betas` entry of layer 0 is -1: expected"),
+    (["--random_init", "mixtral-8x7b", "--betas", '{"0": 0.5, "1": NaN}'], "`betas` entry of layer 1 is NaN"),
 ])
 def test_bad_flags(tmp_path, capsys, argv, needle):
     out = tmp_path / "speed.json"
     assert main([*argv, "--output", str(out)]) == 2 and not out.exists()
     assert needle in one_line_error(capsys)
+
+
+def test_betas_dict_is_matched_to_the_layers(tmp_path, tiny_config_json, capsys):
+    """The form of a --betas dict is checked before the model exists, its layers once it does."""
+    out = tmp_path / "speed.json"
+    assert main(["--random_init", str(tiny_config_json), "--betas", '{"0": 0.5}', "--output", str(out)]) == 2
+    assert "--betas: `betas` has no entry for MoE layer 1 (has 0)" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_set_values_of_the_right_type():
+    c = random_init_config("mixtral-8x7b", {"num_local_experts": 6, "rms_norm_eps": 1, "router_jitter_noise": 0.1,
+                                            "hidden_act": "gelu", "tie_word_embeddings": True, "sliding_window": 64})
+    assert (c.num_local_experts, c.rms_norm_eps, c.router_jitter_noise, c.hidden_act, c.tie_word_embeddings,
+            c.sliding_window) == (6, 1.0, 0.1, "gelu", True, 64)
+    assert isinstance(c.rms_norm_eps, float)  # an integer for a float entry: the config class wants a float
+
+
+def test_set_value_refused_by_the_config_class(tmp_path, capsys):
+    """An entry that is null (no type to compare with) is left to the config class's own validator."""
+    out = tmp_path / "speed.json"
+    assert main(["--random_init", "mixtral-8x7b", "--set", "sliding_window=wide", "--output", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert "--set gives an invalid mixtral config: Validation error for field 'sliding_window'" in err
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2"),
+    ('{"instruction": "a", "input": "", "output": "b"}', 'holds {"instruction"'),
+    ("[]", "holds [], not a non-empty JSON array"),
+    ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "output": "b"}]', "example 1 is"),
+    ('[{"instruction": "a", "input": "", "output": 3}]', "example 0 is"),
+    ('["a prompt"]', 'example 0 is "a prompt"'),
+])
+def test_malformed_data_file(tmp_path, capsys, content, needle):
+    """Found before the model is looked at (the model path does not even exist)."""
+    data = tmp_path / "alpaca.json"
+    data.write_text(content)
+    out = tmp_path / "speed.json"
+    assert main(["--model_name_or_path", str(tmp_path / "no_model"), "--data_path", str(data),
+                 "--output", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert f"Alpaca data file {data}" in err and needle in err
+    assert 'expected a JSON array of {"instruction", "input", "output"} strings' in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("", "is a folder; give a file name"),
+    ("file/speed.json", "file is a file, not a folder"),
+    ("file/deeper/speed.json", "file is a file, not a folder"),
+])
+def test_unwritable_output_is_found_before_the_model_loads(tmp_path, capsys, alpaca, where, needle):
+    """The model path does not exist: the --output error shows the output is checked first."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / where
+    assert main(["--model_name_or_path", str(tmp_path / "no_model"), "--data_path", str(alpaca),
+                 "--output", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"benchmark_speed.py: error: --output {out}") and needle in err
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda tmp: tmp / "no_model", "no_model: no such folder"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "empty has no config.json"),
+])
+def test_missing_model_folder(tmp_path, capsys, alpaca, make, needle):
+    out = tmp_path / "speed.json"
+    assert main(["--model_name_or_path", str(make(tmp_path)), "--data_path", str(alpaca), "--output", str(out)]) == 2
+    assert needle in one_line_error(capsys) and not out.exists()

@@ -201,15 +201,81 @@ def test_missing_data_file_is_named(tmp_path, capsys):
     assert str(data / "gsm8k_train.jsonl") in err and "--data_dir" in err
 
 
-def test_missing_model_path(tmp_path, capsys):
+def empty_arc_data(tmp_path) -> Path:
+    """A data folder that passes the runner's file checks (the model or task check fails first)."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "arc_easy_test.jsonl").write_text("")
-    assert run("--model_path", str(tmp_path / "no_model"), "--tasks", "arc_easy_local", "--data_dir", str(data),
-               "--output_path", str(tmp_path / "out")) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "no_model" in err and "does not exist" in err
+    return data
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda tmp: tmp / "no_model", "no_model: no such folder"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "empty has no config.json"),
+])
+def test_missing_model_path(tmp_path, capsys, make, needle):
+    """A local path that is not a checkpoint fails at once (not "Repo id must be in the form ..." or hub retries)."""
+    assert run("--model_path", str(make(tmp_path)), "--tasks", "arc_easy_local", "--data_dir",
+               str(empty_arc_data(tmp_path)), "--output_path", str(tmp_path / "out")) == 2
+    assert needle in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_output_path_that_is_a_file(tmp_path, capsys):
+    """Found before the task index and the model load, not when the results are written."""
+    out = tmp_path / "results"
+    out.write_text("keep me")
+    assert run("--model_path", str(tmp_path / "no_model"), "--tasks", "arc_easy_local", "--data_dir",
+               str(empty_arc_data(tmp_path)), "--output_path", str(out)) == 2
+    assert f"--output_path {out} is a file, not a folder" in one_line_error(capsys)
+    assert out.read_text() == "keep me"
+
+
+def test_output_path_under_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "sub" / "out"
+    assert run("--model_path", str(tmp_path / "no_model"), "--tasks", "arc_easy_local", "--data_dir",
+               str(empty_arc_data(tmp_path)), "--output_path", str(out)) == 2
+    assert f"{tmp_path / 'file'} is a file, not a folder" in one_line_error(capsys)
+
+
+BROKEN_YAML = "task: broken\ndataset_path: json\n  output_type: [multiple_choice\n"
+
+
+def test_task_yaml_that_does_not_parse_in_include_path(tmp_path, capsys):
+    """lm-eval skips such a file silently and then calls its task unknown; the runner names the file and line."""
+    include = tmp_path / "my_tasks"
+    (include / "sub").mkdir(parents=True)
+    (include / "sub" / "broken.yaml").write_text(BROKEN_YAML)
+    assert run("--model_path", str(tmp_path / "no_model"), "--tasks", "broken", "--include_path", str(include),
+               "--output_path", str(tmp_path / "out")) == 2
+    err = one_line_error(capsys)
+    assert f"task file {include / 'sub' / 'broken.yaml'} does not parse (line 3, column " in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_task_yaml_that_does_not_parse_in_the_task_folder(tmp_path, capsys, monkeypatch):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for src in run_lm_eval.TASKS_DIR.iterdir():
+        if src.suffix in (".yaml", ".py"):
+            (tasks / src.name).write_text(src.read_text())
+    (tasks / "boolq_local.yaml").write_text(BROKEN_YAML)
+    monkeypatch.setattr(run_lm_eval, "TASKS_DIR", tasks)
+    assert run("--model_path", str(tmp_path / "no_model"), "--tasks", "arc_easy_local", "--data_dir",
+               str(empty_arc_data(tmp_path)), "--output_path", str(tmp_path / "out")) == 2
+    assert f"task file {tasks / 'boolq_local.yaml'} does not parse (line 3, column " in one_line_error(capsys)
+
+
+def test_task_yamls_with_tags_parse():
+    """The check accepts lm-eval's own tags (`!function`): every stock task YAML passes it."""
+    run_lm_eval.check_task_files([run_lm_eval.TASKS_DIR, STOCK_TASKS / "hellaswag", STOCK_TASKS / "gsm8k"])
 
 
 # ---- the task files -----------------------------------------------------------------------------

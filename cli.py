@@ -1,0 +1,73 @@
+"""Bad input in the command-line scripts: one line on stderr, exit code 2, nothing written.
+
+Each script raises `UsageError` (or one of the library's own input errors: DataFileError,
+BetasError, ...) as soon as it finds a bad flag, path or file; its main() catches them and
+returns `fail(prog, error)`, which prints that one line and gives exit code 2. Paths the run
+will write are checked with `check_output_file` / `check_output_dir` before anything is
+loaded, so a bad one fails at once instead of after the compute.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad flags, paths or files: reported as one line on stderr, exit code 2, nothing written."""
+
+
+def one_line(message: object) -> str:
+    """Library messages (YAML, JSON, transformers) can span lines: join them so that stderr gets one line."""
+    return " ".join(part.strip() for part in str(message).strip().splitlines() if part.strip())
+
+
+def fail(prog: str, message: object) -> int:
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_creatable(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of `path` is a folder we may write into (catches files and read-only mounts)."""
+    base = _first_existing(path.parent)
+    if not base.is_dir():
+        raise UsageError(f"{flag} {path}: {base} is a file, not a folder; choose another {flag}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {base} is not writable (permissions or a read-only file system); "
+                         f"choose another {flag}")
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """A file the run will write at the end: not a folder, and creatable or writable."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name, e.g. {p / 'result.json'}")
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise UsageError(f"{flag} {path} exists and is not writable; choose another {flag}")
+        return
+    _check_creatable(p, flag)
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """A folder the run will write into at the end: not a file, and creatable or writable."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path} is not writable (permissions or a read-only file system); "
+                             f"choose another {flag}")
+        return
+    _check_creatable(p, flag)
