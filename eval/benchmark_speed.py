@@ -586,6 +586,8 @@ def print_summary(result: dict) -> None:
 def benchmark(args: argparse.Namespace) -> dict:
     check_args(args)
     device = resolve_device(args.device)
+    if args.engine == "graph" and not device.startswith("cuda"):
+        raise UsageError("--engine graph captures CUDA graphs: use a GPU, or --engine static on the CPU")
     dtype = resolve_dtype(args.dtype, device)
     betas = parse_betas(args.betas)
     needs_data = not args.random_init or args.tokenizer_name_or_path

@@ -54,6 +54,29 @@ def test_checkpoint(tmp_path, tiny_mixtral, alpaca):
     assert r["skipping"] is None and r["prompts"] == "alpaca prompt"
 
 
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_batches_and_engines(tmp_path, tiny_mixtral, alpaca, engine):
+    """--batch_size 2: prompts of different lengths decoded together (left padding), exactly NEW tokens each."""
+    r = bench(tmp_path, "--model_name_or_path", str(tiny_mixtral), "--data_path", str(alpaca), "--num_samples", "5",
+              "--batch_size", "2", "--engine", engine, "--experts_implementation", "fused")
+    assert r["engine"] == engine and r["batch_size"] == 2 and r["num_batches"] == 2 == len(r["samples"])
+    assert r["num_samples"] == 4  # 5 prompts in batches of 2: the last, incomplete batch is left out
+    for s in r["samples"]:
+        assert s["batch_size"] == 2 and s["generated_tokens"] == 2 * NEW and s["decode_tokens"] == 2 * (NEW - 1)
+    assert r["total_tokens"] == 4 * NEW
+    # per decode step: the decode seconds over the (NEW - 1) steps of each of the 2 batches
+    assert r["time_per_step_ms"] == pytest.approx(1000 * sum(s["decode_seconds"] for s in r["samples"]) / (2 * (NEW - 1)))
+
+
+def test_graph_engine_needs_a_gpu(tmp_path, tiny_mixtral, alpaca, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    out = tmp_path / "x.json"
+    assert main(["--model_name_or_path", str(tiny_mixtral), "--data_path", str(alpaca), "--engine", "graph",
+                 "--output", str(out)]) == 2
+    assert "--engine graph captures CUDA graphs" in capsys.readouterr().err and not out.exists()
+
+
 def test_beams_return_every_beam(tmp_path, tiny_mixtral, alpaca):
     r = bench(tmp_path, "--model_name_or_path", str(tiny_mixtral), "--data_path", str(alpaca), "--num_samples", "1",
               "--num_beams", "2", "--warmup", "0")
