@@ -223,12 +223,14 @@ def run(cfg: RunConfig) -> Path:
 
 
 def save(model, tokenizer, record: dict, save_path: Path) -> None:
-    """Write into a hidden sibling folder, then rename: a failed run leaves nothing behind."""
+    """Write into a hidden sibling folder, then rename: a failed run leaves nothing behind.
+    config.json and the tokenizer files come from the input folder (model/checkpoint.py says why)."""
+    from model.checkpoint import save_checkpoint
+
     tmp = save_path.with_name(f".{save_path.name}.partial")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_checkpoint(model, tokenizer, record["args"]["model_path"], tmp)
         (tmp / "pruning_info.json").write_text(json.dumps(record, indent=2) + "\n")
         tmp.rename(save_path)
     finally:
