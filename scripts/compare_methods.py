@@ -10,7 +10,8 @@ time), and dynamic-skipping curves (`--skip_scales`): betas calibrated on the fi
 the full model and, with `--skip_on_r R`, on the layer-wise r=R model.
 
 Every model is scored with eval/perplexity.py's evaluator on held-out Wikipedia (`--wiki`, field
-`text`) and GSM8K test answers (`--gsm8k`, field `answer`). Everything runs in this process with the
+`text`) and GSM8K test answers (`--gsm8k`, field `answer`); pruned models that keep the same experts
+are the same model and are scored once. Everything runs in this process with the
 repo's own functions (METHODS, data.build_calib_loader, model.load_model, eval.perplexity); each row
 records the `python main.py ...` command that produces the same pruned checkpoint. Writes `--output`
 (JSON), a markdown table (`--markdown`, else printed) and two PNGs in `--fig_dir`: perplexity vs kept
@@ -152,6 +153,7 @@ class Comparison:
                 a.check_r(b, r)
         self.eval_blocks = {k: token_blocks(t, self.tokenizer, args.eval_block_size) for k, t in self.texts.items()}
         self._loaders: dict[str, object] = {}
+        self._pruned_scores: dict[str, dict] = {}
 
     @staticmethod
     def _calib_files(args) -> dict[str, str]:
@@ -221,6 +223,15 @@ class Comparison:
             model.to("cpu")
 
 
+    def evaluate_pruned(self, model, info: dict) -> dict:
+        """Scores of a model pruned from the base: models keeping the same experts are the same model
+        (pruning slices the original tensors), so each kept set is scored once."""
+        key = json.dumps({k: v["kept_experts"] for k, v in info["layers"].items()}, sort_keys=True)
+        if key not in self._pruned_scores:
+            self._pruned_scores[key] = self.evaluate(model)
+        return copy.deepcopy(self._pruned_scores[key])
+
+
 def command(argv: list[str]) -> str:
     return "python main.py " + shlex.join(argv)
 
@@ -248,14 +259,14 @@ def run_pruning(c: Comparison, results: dict, keep: set) -> dict:
                 for seed in range(a.seed, a.seed + a.random_seeds):
                     argv = c.main_argv(PRUNING[method], r, a.calib_sets[0], seed=seed)
                     model, info, seconds = c.run(argv)
-                    row = pruning_row(method, r, None, argv, info, seconds, c.evaluate(model), seed=seed)
+                    row = pruning_row(method, r, None, argv, info, seconds, c.evaluate_pruned(model, info), seed=seed)
                     results["pruning"].append(row)
                     log(f"{method} r={r} seed={seed}: wiki {row['wiki']['perplexity']:.3f}")
                 continue
             for calib_set in a.calib_sets:
                 argv = c.main_argv(PRUNING[method], r, calib_set, extra=("--search", a.search))
                 model, info, seconds = c.run(argv)
-                row = pruning_row(method, r, calib_set, argv, info, seconds, c.evaluate(model))
+                row = pruning_row(method, r, calib_set, argv, info, seconds, c.evaluate_pruned(model, info))
                 results["pruning"].append(row)
                 log(f"{method} r={r} {calib_set}: wiki {row['wiki']['perplexity']:.3f} ({seconds:.1f} s)")
                 if (method, r, calib_set) in keep:
@@ -276,7 +287,8 @@ def run_beams(c: Comparison, results: dict) -> None:
         for width in a.beam_widths:
             argv = c.main_argv("layerwise_pruning", r, calib_set, extra=("--search", "beam", "--beam_width", str(width)))
             model, info, seconds = c.run(argv)
-            results["beam"].append(pruning_row("layerwise", r, calib_set, argv, info, seconds, c.evaluate(model),
+            results["beam"].append(pruning_row("layerwise", r, calib_set, argv, info, seconds,
+                                               c.evaluate_pruned(model, info),
                                                search="beam", beam_width=width))
             log(f"layerwise beam {width} r={r}: loss {results['beam'][-1]['total_loss']:.6g} ({seconds:.1f} s)")
 
@@ -321,8 +333,8 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict:
                 scores = next(x for x in results["pruning"] if (x["method"], x["r"], x["calib_set"]) == skip_base)
             else:  # layerwise was not among --methods or --r
                 prune_argv = c.main_argv("layerwise_pruning", args.skip_on_r, calib0, extra=("--search", args.search))
-                pruned = c.run(prune_argv)[0]
-                scores = c.evaluate(pruned)
+                pruned, info, _ = c.run(prune_argv)
+                scores = c.evaluate_pruned(pruned, info)
             label = f"layerwise r={args.skip_on_r}, {calib0}"
             row = skip_curve(c, pruned, label, c.main_argv("dynamic_skipping", None, calib0,
                                                              model_path=f"<output of: {command(prune_argv)}>"),
