@@ -5,12 +5,17 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from data import DataFileError, build_calib_loader, read_texts, sample_blocks
+from data.calib import _MIN_CHARS, check_blocks, document_tokens
+
+from conftest import REPO
 
 
 def original_pipeline(texts, tokenizer, block_size, n_blocks, seed):
@@ -104,3 +109,86 @@ def test_fewer_blocks_than_asked(c4_path, tokenizer_dir):
     texts = read_texts(c4_path)[:20]
     with pytest.raises(DataFileError, match=r"gives only \d+ blocks of 512 tokens .* asks for 500"):
         sample_blocks(texts, tok, 512, 500, seed=0)
+
+
+def _awkward_text(texts) -> str:
+    """C4 text with what pre-tokenizers treat specially near any cut: runs of spaces and newlines, digits,
+    punctuation runs, contractions, accents and combining marks, emoji, a literal special token."""
+    pieces = ["  ", "\n\n", "   x", "1234567", "?!...", "'s", "don't", "café", "e\u0301", "👍🏽", "<s>", "\t"]
+    words = " ".join(texts[:40]).split(" ")
+    return "".join(w + (pieces[i % len(pieces)] if i % 3 == 0 else " ") for i, w in enumerate(words))
+
+
+def test_document_tokens_equal_the_full_tokenization_at_every_cut(c4_path, tokenizer_dir):
+    """A long document tokenized only as far as n tokens need gives the first n tokens of the whole document."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = _awkward_text(read_texts(c4_path))
+    full = tok(text)["input_ids"]
+    assert len(text) > 40 * _MIN_CHARS and len(full) > 5000
+    for n in [*range(1, 400), *range(400, 5000, 37)]:  # every first-try cut position up to 3200 characters
+        assert document_tokens(tok, text, n) == full[:n], n
+    assert document_tokens(tok, text) == full
+
+
+def test_document_tokens_of_a_tokenizer_that_does_not_split(c4_path, tokenizer_dir):
+    """Without a pre-tokenizer the whole text is one piece and no cut is safe: the document is tokenized whole."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.backend_tokenizer.pre_tokenizer = None
+    text = " ".join(read_texts(c4_path)[:10])
+    full = tok(text)["input_ids"]
+    assert len(text) > _MIN_CHARS and document_tokens(tok, text, 50) == full[:50]
+
+
+@pytest.mark.parametrize("n_blocks,block_size", [(2, 256), (8, 64)])
+def test_long_documents_match_the_original_pipeline(c4_path, tokenizer_dir, n_blocks, block_size):
+    """Documents of 20-200 C4 documents each: the blocks come from the first few, cut short, and still equal
+    the original pipeline's (which tokenizes every sampled document whole)."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = read_texts(c4_path)
+    long_texts = [" ".join(texts[i: i + 20 + 9 * (i % 20)]) for i in range(0, 600, 7)] + texts[:50]
+    ours = sample_blocks(long_texts, tok, block_size, n_blocks, seed=3)
+    assert torch.equal(ours, original_pipeline(long_texts, tok, block_size, n_blocks, seed=3))
+
+
+def test_one_50mb_document_makes_1024_tokens_in_seconds_with_bounded_memory(tmp_path, tokenizer_dir, c4_path):
+    """Before: the whole document was tokenized (7.4 GB and 125 s for 50 MB on a real tokenizer)."""
+    text = " ".join(read_texts(c4_path))
+    doc = (text * (50_000_000 // len(text) + 1))[:50_000_000]
+    big = tmp_path / "one_doc.json"
+    big.write_text(json.dumps({"text": doc}) + "\n")
+    del doc, text
+    script = (
+        "import resource, sys, time\n"
+        "from transformers import AutoTokenizer\n"
+        "from data import build_calib_loader\n"
+        f"tok = AutoTokenizer.from_pretrained({str(tokenizer_dir)!r})\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "t = time.time()\n"
+        f"loader = build_calib_loader('c4', tok, 1024, 1, 1, 0, path={str(big)!r})\n"
+        "print(time.time() - t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,"
+        " tuple(next(iter(loader))['input_ids'].shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    seconds, extra_mib, shape = out.stdout.strip().split(maxsplit=2)
+    assert shape == "(1, 1024)"
+    # Reading the file (50 MB of JSON, then the 50 MB string) is the rest: the tokenizer sees a few KB.
+    assert float(extra_mib) < 400, out.stdout
+    assert float(seconds) < 10, out.stdout  # about 1 s on 2 CPU cores, most of it reading the file
+
+
+def test_all_special_calibration_blocks_are_refused(tokenizer_dir, caplog):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    bos_only = torch.full((4, 8), tok.bos_token_id)  # e.g. sampling from a model with 1-token blocks
+    with pytest.raises(DataFileError, match=r"the 4 calibration blocks from sampling hold only special tokens "
+                                            r"\(32 tokens, all <s>\)"):
+        check_blocks(bos_only, tok, "sampling")
+    mostly = bos_only.clone()
+    mostly[:, :3] = 100  # 12 of 32 ordinary
+    check_blocks(mostly, tok, "f.json")
+    assert "20 of the 32 calibration tokens from f.json (62%) are special tokens" in caplog.text
+
+
+def test_blocks_of_one_token_are_refused(tokenizer_dir, c4_path):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with pytest.raises(DataFileError, match=r"calibration blocks of 1 token .* have no context"):
+        build_calib_loader("c4", tok, 1, 4, 2, 0, path=str(c4_path))
