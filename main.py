@@ -317,6 +317,7 @@ def prepare_output(output_path: str) -> tuple[Path, list[Path]]:
 
 
 def _remove_empty(folders: list[Path]) -> None:
+    """Remove these folders, innermost first, as long as they are empty."""
     for folder in reversed(folders):
         try:
             folder.rmdir()
@@ -347,7 +348,7 @@ def run_settings(cfg: RunConfig, model_dir: Path | None, calib_file: Path | None
     return json.loads(json.dumps(settings))  # as read back from run.json
 
 
-def _lock(path: Path, create: bool) -> int:
+def _flock(path: Path, create: bool = False) -> int:
     """An fd holding an exclusive flock on `path`, or BlockingIOError. The kernel drops the lock when the
     process dies, even by SIGKILL, so a folder whose lock can be taken belongs to no live run."""
     fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
@@ -356,8 +357,12 @@ def _lock(path: Path, create: bool) -> int:
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def _own(fd: int) -> int:
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())  # for messages: "held by pid N"
+    os.write(fd, f"{os.getpid()}\n".encode())  # for messages: "already running (pid N)"
     return fd
 
 
@@ -398,8 +403,9 @@ class Staging:
         if run_json.exists() and json.loads(run_json.read_text()) != settings:
             staging.close(keep=True)
             raise UsageError(f"{path} holds another run's state (see its run.json); delete it")
-        _write_atomic(run_json, lambda tmp: tmp.write_text(json.dumps(settings, indent=1, sort_keys=True)))
-        shutil.rmtree(staging.result, ignore_errors=True)  # a killed run's half-written checkpoint
+        with staging:  # a failure here keeps the folder if it holds finished layers, else removes it
+            _write_atomic(run_json, lambda tmp: tmp.write_text(json.dumps(settings, indent=1, sort_keys=True)))
+            shutil.rmtree(staging.result, ignore_errors=True)  # a killed run's half-written checkpoint
         return staging
 
     @staticmethod
@@ -407,9 +413,10 @@ class Staging:
         """Make the folder with its lock already held (built aside, renamed in: never seen unlocked); None if
         it exists. Making it is also the probe that --output_path is writable."""
         tmp = path.with_name(f"{path.name}.{os.getpid()}.new")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a dead process that had our pid
         try:
             tmp.mkdir()
-            fd = _lock(tmp / "lock", create=True)
+            fd = _own(_flock(tmp / "lock", create=True))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise UsageError(f"cannot write into --output_path {path.parent}: {e.strerror}") from None
@@ -427,7 +434,7 @@ class Staging:
     def _take_over(path: Path) -> int:
         """Lock an existing folder: the same command killed earlier (resume), or still running (refused)."""
         try:
-            return _lock(path / "lock", create=False)
+            return _own(_flock(path / "lock"))
         except FileNotFoundError:
             raise UsageError(f"{path} exists but has no lock file (not made by this version, or being "
                              f"removed); delete it if no run uses it") from None
@@ -459,16 +466,19 @@ class Staging:
         self.close(keep=False)
         return target
 
-    def abandon(self) -> bool:
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
         """After a failure or an interrupt: keep the folder if it holds finished layers (and say how to
-        resume), else remove it. Returns whether it was kept."""
-        finished = self.journal.finished()
-        self.close(keep=bool(finished))
-        if finished:
-            print(f"kept {self.path} with the results of {len(finished)} finished layers "
-                  f"({', '.join(map(str, finished))}): run the same command again to continue from there",
-                  file=sys.stderr)
-        return bool(finished)
+        continue), else remove it."""
+        if exc_type is not None:
+            finished = self.journal.finished()
+            self.close(keep=bool(finished))
+            if finished:
+                print(f"kept {self.path} with the results of {len(finished)} finished layers "
+                      f"({', '.join(map(str, finished))}): run the same command again to continue from there",
+                      file=sys.stderr)
 
     def close(self, keep: bool) -> None:
         shutil.rmtree(self.result if keep else self.path, ignore_errors=True)
@@ -481,7 +491,7 @@ def report_stale(output: Path, own: Path) -> None:
         if path == own or not path.is_dir():
             continue
         try:
-            fd = _lock(path / "lock", create=False)
+            fd = _flock(path / "lock")
         except BlockingIOError:
             continue  # a live run's
         except FileNotFoundError:
@@ -522,7 +532,7 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
-    """Validate everything, then prune (or calibrate skipping) and save; returns the result folder.
+    """Check everything, then prune (or calibrate skipping) and save; returns the result folder.
 
     `inputs_valid()` is called once the inputs have passed every check made before the long work.
     """
@@ -539,60 +549,47 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
     block_size_for(tokenizer, cfg.max_block_size)  # refuses blocks without context before anything is loaded
     calib_file = DATASETS[cfg.calib_set].resolve(cfg.calib_path)
     output, created = prepare_output(cfg.output_path)
-    stamp = datetime.now()
+    save_path = output / save_dir_name(cfg)
     try:
-        staging = Staging.open(output, run_name(cfg), run_settings(cfg, model_dir, calib_file))
-    except BaseException:
-        _remove_empty(created)
-        raise
-    try:
-        save_path = _run(cfg, staging, config, tokenizer, device, inputs_valid, start,
-                         output / save_dir_name(cfg, stamp))
-    except BaseException:
-        if not staging.abandon():
-            _remove_empty(created)
-        raise
-    return save_path
+        with Staging.open(output, run_name(cfg), run_settings(cfg, model_dir, calib_file)) as staging:
+            set_seed(cfg.seed)
+            model = None
+            if DATASETS[cfg.calib_set].needs_model:  # `self` samples from the model: load it first
+                inputs_valid()
+                model = load_model(cfg)
+            blocks = staging.calibration(lambda: calib_blocks(
+                cfg.calib_set, tokenizer, cfg.max_block_size, cfg.n_blocks_for_stat, cfg.seed, path=cfg.calib_path,
+                model=model, batch_size=cfg.batch_size, device=device))
+            check_vocab(blocks, config)
+            inputs_valid()
+            report_stale(output, staging.path)
+            logger.info("calibration: %d blocks of %d tokens", blocks.shape[0], blocks.shape[1])
+            resumed = staging.journal.finished()
+            if resumed:
+                logger.info("continuing %s: layers %s were finished by an earlier run of this command",
+                            staging.path, ", ".join(map(str, resumed)))
+            if model is None:
+                model = load_model(cfg)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
 
+            model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg,
+                                              journal=staging.journal)
 
-def _run(cfg: RunConfig, staging: Staging, config, tokenizer, device: torch.device, inputs_valid, start: float,
-         save_path: Path) -> Path:
-    set_seed(cfg.seed)
-    model = None
-    if DATASETS[cfg.calib_set].needs_model:  # `self` samples from the model: load it first
-        inputs_valid()
-        model = load_model(cfg)
-    blocks = staging.calibration(lambda: calib_blocks(
-        cfg.calib_set, tokenizer, cfg.max_block_size, cfg.n_blocks_for_stat, cfg.seed, path=cfg.calib_path,
-        model=model, batch_size=cfg.batch_size, device=device))
-    check_vocab(blocks, config)
-    inputs_valid()
-    report_stale(staging.path.parent, staging.path)
-    logger.info("calibration: %d blocks of %d tokens", blocks.shape[0], blocks.shape[1])
-    resumed = staging.journal.finished()
-    if resumed:
-        logger.info("resuming %s: layers %s were finished by an earlier run of this command", staging.path,
-                    ", ".join(map(str, resumed)))
-    if model is None:
-        model = load_model(cfg)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg,
-                                      journal=staging.journal)
-
-    record = {
-        "args": asdict(cfg),
-        "calibration": {"n_blocks": blocks.shape[0], "block_size": blocks.shape[1]},
-        **info,
-        "wall_time_s": time.time() - start,
-        **peak_memory(device),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-    }
-    if resumed:
-        record["resumed_layers"] = resumed  # results taken from the killed run (wall time is this run's)
-    save(model, tokenizer, record, staging.result)
-    return staging.publish(save_path)
+            record = {
+                "args": asdict(cfg),
+                "calibration": {"n_blocks": blocks.shape[0], "block_size": blocks.shape[1]},
+                **info,
+                "wall_time_s": time.time() - start,
+                **peak_memory(device),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            }
+            if resumed:
+                record["resumed_layers"] = resumed  # results of the killed run (the wall time is this run's)
+            save(model, tokenizer, record, staging.result)
+            return staging.publish(save_path)
+    finally:
+        _remove_empty(created)  # the output folders this run made, if it leaves nothing in them
 
 
 def save(model, tokenizer, record: dict, save_path: Path) -> None:

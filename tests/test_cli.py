@@ -136,6 +136,7 @@ BAD_INPUTS = {
     "too_few_blocks": r"gives only \d+ blocks of 48 tokens .* asks for 100000",
     "empty_documents": r"all 128 sampled documents of .*empty.json are empty",
     "block_size_1": r"calibration blocks of 1 token \(--max_block_size 1, .*\) have no context; use at least 2",
+    "self_block_size_1": r"calibration blocks of 1 token \(--max_block_size 1, .*\) have no context",  # only BOS
     "bad_device": r"--device cuda asked for but no CUDA GPU",
     "meta_device": r"--device meta is not a device this machine computes on; use cuda, cuda:N or cpu",
     "negative_seed": r"--seed must be in 0..4294967295, got -1",
@@ -181,7 +182,7 @@ def test_bad_input_one_line_error_before_loading_and_nothing_written(case, tiny_
     elif case == "empty_documents":
         data = str(tmp_path / "empty.json")
         (tmp_path / "empty.json").write_text('{"text": ""}\n' * 200)
-    elif case == "block_size_1":
+    elif case in ("block_size_1", "self_block_size_1"):
         extra = ["--max_block_size", "1"]
     elif case == "bad_device":
         if torch.cuda.is_available():
@@ -231,6 +232,9 @@ def test_bad_input_one_line_error_before_loading_and_nothing_written(case, tiny_
         out = tmp_path / "locked"
         out.mkdir(mode=0o555)
     args = ["--method", "layerwise_pruning", *r, *common(model, data, out, n_blocks=n_blocks, device=device), *extra]
+    if case == "self_block_size_1":  # sampling from the model would give blocks of only BOS
+        args[args.index("c4")] = "self"
+        del args[args.index("--calib_path"): args.index("--calib_path") + 2]
 
     def no_load(*_a, **_k):
         raise AssertionError("the model was loaded before the bad input was found")
