@@ -14,17 +14,20 @@ file with one 50 MB document costs what its first blocks cost.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
 import lzma
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
 import transformers
 
@@ -112,28 +115,62 @@ def block_size_for(tokenizer, max_block_size: int) -> int:
 # First try at the characters needed for n tokens (about 4 characters per token in English for large
 # vocabularies, 2 for tiny ones); too few only costs another, 4x longer try.
 _CHARS_PER_TOKEN, _MIN_CHARS = 8, 1024
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # BPE byte fallback
 
 
-def _settled_tokens(encoding) -> int:
-    r"""How many leading tokens of a text cut at some character are the same in every continuation of it.
+@functools.lru_cache(maxsize=8)
+def _bpe_bigrams(tokenizer) -> frozenset[str] | None:
+    """Every pair of adjacent characters inside a vocabulary token, for a BPE tokenizer that keeps the whole
+    text one pre-token (SentencePiece style: no pre-tokenizer, or Metaspace(split=False), as transformers 5's
+    Llama and Mixtral tokenizers); None for any other tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if not isinstance(model, tokenizers.models.BPE) or model.dropout or model.continuing_subword_prefix \
+            or model.end_of_word_suffix:
+        return None
+    if pre is not None and not (isinstance(pre, tokenizers.pre_tokenizers.Metaspace) and not pre.split):
+        return None
+    return frozenset(t[i: i + 2] for t in backend.get_vocab() for i in range(len(t) - 1))
 
-    A fast tokenizer normalizes character by character, splits the text into pre-tokens
-    (words, number runs, whitespace runs) with patterns that look at most one character ahead,
-    and tokenizes each pre-token on its own; special tokens are added at the start and end.
-    So a cut can only change the last pre-token (cut in the middle) and the one before it
-    (whose split may look at the character after it, e.g. `\s+(?!\S)`); the tokens of every
-    earlier pre-token, and the special tokens before them, are those of the full text.
-    A tokenizer that does not split (SentencePiece-style, the whole text one pre-token) or
-    that cannot say which pre-token a token came from (slow tokenizers) settles nothing.
+
+def _settled_tokens(tokenizer, encoding) -> int:
+    r"""How many leading tokens of a text cut at some character are the same for every continuation of it.
+
+    A fast tokenizer normalizes character by character, splits the text into pre-tokens and
+    tokenizes each pre-token on its own; special tokens are added at the start and the end.
+    - Pre-tokens (words, number runs, whitespace runs) are split by patterns that look at most one
+      character ahead, so a cut can only change the last pre-token (cut in the middle) and the one
+      before it (e.g. `\s+(?!\S)` splits a run of spaces by what follows it): the tokens of every
+      earlier pre-token are those of the full text.
+    - A BPE tokenizer that keeps the text one pre-token (`_bpe_bigrams`) builds every token by merging
+      two neighbouring tokens into a vocabulary token. Where the characters on the two sides of a token
+      boundary appear next to each other in no vocabulary token, no merge ever crosses that boundary,
+      in the cut text or the full one: the tokens before it depend only on the characters before it,
+      which the cut does not change (the last token, which holds the last character, is not used).
+    A slow tokenizer, or another that does not split, settles nothing (the document is tokenized whole).
     """
     try:
         words = encoding.word_ids()
     except ValueError:  # slow tokenizer: no alignment information
         return 0
-    last = max((w for w in words if w is not None), default=None)
-    if last is None:
+    text = [i for i, w in enumerate(words) if w is not None]
+    if not text:
         return 0
-    return next(i for i, w in enumerate(words) if w is not None and w >= last - 1)
+    last = words[text[-1]]
+    if last > 0:
+        return next(i for i in text if words[i] >= last - 1)
+    bigrams = _bpe_bigrams(tokenizer)
+    if bigrams is None:
+        return 0
+    tokens, unk = encoding.tokens(), getattr(tokenizer, "unk_token", None)
+    for i in range(text[-1] - 1, text[0], -1):  # the boundary before token i, from the end
+        a, b = tokens[i - 1], tokens[i]
+        ordinary = words[i - 1] is not None and unk not in (a, b) and not (_BYTE_TOKEN.fullmatch(a) or
+                                                                             _BYTE_TOKEN.fullmatch(b))
+        if ordinary and a[-1] + b[0] not in bigrams:
+            return i
+    return 0
 
 
 def document_tokens(tokenizer, text: str, n: int | None = None) -> list[int]:
@@ -142,7 +179,7 @@ def document_tokens(tokenizer, text: str, n: int | None = None) -> list[int]:
         chars = max(_MIN_CHARS, _CHARS_PER_TOKEN * n)
         while chars < len(text):
             encoding = tokenizer(text[:chars])
-            if _settled_tokens(encoding) >= n:  # exact: see _settled_tokens
+            if _settled_tokens(tokenizer, encoding) >= n:  # exact: see _settled_tokens
                 return encoding["input_ids"][:n]
             chars *= 4
     return tokenizer(text)["input_ids"][:n]

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from data import DataFileError, build_calib_loader, read_texts, sample_blocks
-from data.calib import _MIN_CHARS, check_blocks, document_tokens
+from data.calib import _MIN_CHARS, _settled_tokens, check_blocks, document_tokens
 
 from conftest import REPO
 
@@ -130,22 +130,61 @@ def test_document_tokens_equal_the_full_tokenization_at_every_cut(c4_path, token
     assert document_tokens(tok, text) == full
 
 
-def test_document_tokens_of_a_tokenizer_that_does_not_split(c4_path, tokenizer_dir):
-    """Without a pre-tokenizer the whole text is one piece and no cut is safe: the document is tokenized whole."""
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.backend_tokenizer.pre_tokenizer = None
-    text = " ".join(read_texts(c4_path)[:10])
+@pytest.fixture(scope="module")
+def sentencepiece_style(c4_path):
+    """A BPE tokenizer as transformers 5 builds Llama's and Mixtral's: Metaspace(split=False), so a document is
+    one pre-token; byte fallback. Trained with splitting at spaces, as SentencePiece trains, on the C4 sample."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    tok.train_from_iterator(read_texts(c4_path)[:300], trainers.BpeTrainer(
+        vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>", *bytes_]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=4096)
+
+
+def test_document_tokens_of_a_sentencepiece_style_tokenizer(c4_path, sentencepiece_style):
+    """The whole document is one pre-token: cuts are settled at token boundaries no vocabulary token crosses."""
+    tok = sentencepiece_style
+    text = _awkward_text(read_texts(c4_path))
     full = tok(text)["input_ids"]
-    assert len(text) > _MIN_CHARS and document_tokens(tok, text, 50) == full[:50]
+    assert _settled_tokens(tok, tok(text[:2000])) > 100  # cut documents are settled, not tokenized whole
+    for n in [*range(1, 300, 3), *range(300, 5000, 97)]:
+        assert document_tokens(tok, text, n) == full[:n], n
+    long_texts = [" ".join(read_texts(c4_path)[i: i + 20]) for i in range(0, 400, 9)]
+    assert torch.equal(sample_blocks(long_texts, tok, 128, 4, seed=5), original_pipeline(long_texts, tok, 128, 4, 5))
+
+
+def test_document_tokens_of_a_tokenizer_that_settles_nothing(c4_path):
+    """A WordPiece model over the whole text (no pre-tokenizer): neither rule applies, the document is
+    tokenized whole."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    text = " ".join(read_texts(c4_path)[:10])
+    chars = sorted(set(text))
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}, **{"##" + c: len(chars) + i + 1
+                                                                      for i, c in enumerate(chars)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordPiece(
+        vocab, unk_token="[UNK]", max_input_chars_per_word=10**9)), unk_token="[UNK]")
+    full = tok(text)["input_ids"]
+    assert len(text) > _MIN_CHARS and _settled_tokens(tok, tok(text[:_MIN_CHARS])) == 0
+    assert document_tokens(tok, text, 50) == full[:50]
 
 
 @pytest.mark.parametrize("n_blocks,block_size", [(2, 256), (8, 64)])
 def test_long_documents_match_the_original_pipeline(c4_path, tokenizer_dir, n_blocks, block_size):
-    """Documents of 20-200 C4 documents each: the blocks come from the first few, cut short, and still equal
+    """Documents of 5-32 C4 documents each: the blocks come from the first few, cut short, and still equal
     the original pipeline's (which tokenizes every sampled document whole)."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     texts = read_texts(c4_path)
-    long_texts = [" ".join(texts[i: i + 20 + 9 * (i % 20)]) for i in range(0, 600, 7)] + texts[:50]
+    long_texts = [" ".join(texts[i: i + 5 + 3 * (i % 10)]) for i in range(0, 300, 7)] + texts[:50]
     ours = sample_blocks(long_texts, tok, block_size, n_blocks, seed=3)
     assert torch.equal(ours, original_pipeline(long_texts, tok, block_size, n_blocks, seed=3))
 
