@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .calib import DataFileError, FileCalibSet, block_size_for, make_loader, read_texts, sample_blocks
 from .self_calib import SelfCalibSet
 
@@ -23,14 +25,22 @@ DATASETS = {
 }
 
 
+def calib_blocks(dataset: str, tokenizer, max_block_size: int, n_blocks_for_stat: int, seed: int = 42,
+                 path: str | None = None, model=None, batch_size: int = 8, device="cpu") -> torch.Tensor:
+    """(n_blocks, block_size) token ids of a calibration set, checked (DataFileError when degenerate)."""
+    block_size = block_size_for(tokenizer, max_block_size)
+    return DATASETS[dataset].blocks(tokenizer, block_size, n_blocks_for_stat, seed, path=path, model=model,
+                                    batch_size=batch_size, device=device)
+
+
 def build_calib_loader(dataset: str, tokenizer, max_block_size: int, n_blocks_for_stat: int, batch_size: int,
                        num_workers: int, seed: int = 42, path: str | None = None, model=None, device="cpu"):
     """DataLoader of calibration blocks, as the original `build_calib_loader`, plus a file path
     (`path`) and, for `self`, the model to sample from and the device to sample on."""
-    block_size = block_size_for(tokenizer, max_block_size)
-    blocks = DATASETS[dataset].blocks(tokenizer, block_size, n_blocks_for_stat, seed, path=path, model=model,
-                                      batch_size=batch_size, device=device)
+    blocks = calib_blocks(dataset, tokenizer, max_block_size, n_blocks_for_stat, seed, path=path, model=model,
+                          batch_size=batch_size, device=device)
     return make_loader(blocks, batch_size, num_workers)
 
 
-__all__ = ["DATASETS", "DataFileError", "build_calib_loader", "read_texts", "sample_blocks", "make_loader"]
+__all__ = ["DATASETS", "DataFileError", "block_size_for", "build_calib_loader", "calib_blocks", "read_texts",
+           "sample_blocks", "make_loader"]

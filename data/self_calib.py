@@ -12,7 +12,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from .calib import DataFileError
+from .calib import DataFileError, check_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,16 @@ class SelfCalibSet:
     needs_model = True
     default_paths = ("(sampled from the model)",)
 
-    def blocks(self, tokenizer, block_size: int, n_blocks: int, seed: int, path: str | None = None, model=None,
-               batch_size: int = 8, device="cpu") -> torch.Tensor:
+    def resolve(self, path: str | None) -> None:
+        """No file: refuse --calib_path rather than ignore it."""
         if path is not None:
             raise DataFileError("--calib_path is not used with --calib_set self, which samples from the model")
+
+    def blocks(self, tokenizer, block_size: int, n_blocks: int, seed: int, path: str | None = None, model=None,
+               batch_size: int = 8, device="cpu") -> torch.Tensor:
+        self.resolve(path)
         if model is None:
             raise ValueError("--calib_set self needs the model")
-        return sample_from_model(model, tokenizer, block_size, n_blocks, seed, batch_size, device)
+        blocks = sample_from_model(model, tokenizer, block_size, n_blocks, seed, batch_size, device)
+        check_blocks(blocks, tokenizer, "sampling from the model")
+        return blocks

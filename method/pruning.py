@@ -8,6 +8,9 @@ calibration batch, then the best kept set is applied in place.
                activations of the unpruned model).
 - progressive: MoE inputs come from the model pruned so far, targets stay the original
                model's outputs, so later layers compensate for earlier decisions.
+
+Each layer's result goes to the runner's journal when there is one, so that a killed run
+continues where it stopped (see model/runner.py).
 """
 
 from __future__ import annotations
@@ -17,19 +20,32 @@ import logging
 import torch
 
 from model.adapters import find_moe_blocks
-from model.runner import LayerRunner, capture_io
+from model.runner import LayerJournal, LayerRunner, capture_io
 
 from .search import make_search
 
 logger = logging.getLogger(__name__)
 
 
-def layerwise_pruning(model, calib_loader, args):
-    return _prune(model, calib_loader, args, progressive=False)
+def layerwise_pruning(model, calib_loader, args, journal: LayerJournal | None = None):
+    return _prune(model, calib_loader, args, progressive=False, journal=journal)
 
 
-def progressive_pruning(model, calib_loader, args):
-    return _prune(model, calib_loader, args, progressive=True)
+def progressive_pruning(model, calib_loader, args, journal: LayerJournal | None = None):
+    return _prune(model, calib_loader, args, progressive=True, journal=journal)
+
+
+class _Recorded:
+    """Stands in for the search on a layer that a killed run of the same command finished: its result."""
+
+    def __init__(self, info: dict):
+        self.info = info
+
+    def add_batch(self, *_) -> None:
+        pass
+
+    def result(self) -> dict:
+        return self.info
 
 
 def check_r(model, r: int) -> dict:
@@ -41,11 +57,11 @@ def check_r(model, r: int) -> dict:
 
 
 @torch.no_grad()
-def _prune(model, calib_loader, args, progressive: bool):
+def _prune(model, calib_loader, args, progressive: bool, journal: LayerJournal | None = None):
     if args.r is None:
         raise ValueError("pruning methods need --r, the number of experts to keep per MoE layer")
     blocks = check_r(model, args.r)
-    runner = LayerRunner(model, args.device)
+    runner = LayerRunner(model, args.device, journal=journal)
     original = runner.capture(calib_loader)  # inputs of layer 0, original model
     # Progressive: the pruned model's states. They are the original states (same list)
     # until the first MoE layer has been pruned.
@@ -58,8 +74,10 @@ def _prune(model, calib_loader, args, progressive: bool):
             pruned = [runner.forward(layer, b) for b in pruned] if diverged else original
             continue
         adapter, block = blocks[idx]
-        scorer = make_search(adapter, block, args.r, args.search, args.exhaustive_limit, args.beam_width,
-                             args.swap_rounds)
+        recorded = runner.recorded(idx)  # set on resume: the layer's forwards run again, its search does not
+        scorer = (_Recorded(recorded) if recorded is not None else
+                  make_search(adapter, block, args.r, args.search, args.exhaustive_limit, args.beam_width,
+                              args.swap_rounds))
         inputs = original
         original = []
         for b in range(len(inputs)):
@@ -72,10 +90,12 @@ def _prune(model, calib_loader, args, progressive: bool):
                 x = io["inputs"][0]
             scorer.add_batch(x, target)
         info = scorer.result()
+        if recorded is None:
+            runner.record(idx, info)
         adapter.prune(block, info["kept_experts"])
-        logger.info("layer %d: drop %s (loss %.6g; %s search, %d of %d candidates scored)", idx,
+        logger.info("layer %d: drop %s (loss %.6g; %s search, %d of %d candidates scored%s)", idx,
                     info["dropped_experts"], info["best_loss"], info["search"], info["n_evaluated"],
-                    info["n_candidates"])
+                    info["n_candidates"], " by an earlier run of this command" if recorded is not None else "")
         layers_info[str(idx)] = info
         if progressive and idx < len(runner.layers) - 1:  # pruned model's states, for the next layers
             pruned = [runner.forward(layer, b) for b in (pruned if diverged else inputs)]

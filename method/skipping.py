@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from model.adapters import UnsupportedRoutingError, find_moe_blocks
-from model.runner import LayerRunner, capture_io
+from model.runner import LayerJournal, LayerRunner, capture_io
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,17 @@ def weight_ratios(weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dynamic_skipping(model, calib_loader, args):
+def dynamic_skipping(model, calib_loader, args, journal: LayerJournal | None = None):
     blocks = check_skippable(model)
-    runner = LayerRunner(model, args.device)
+    runner = LayerRunner(model, args.device, journal=journal)
     states = runner.capture(calib_loader)
     layers_info: dict[str, dict] = {}
     for idx, layer in runner.iter_layers(desc="dynamic skipping calibration"):
-        if idx not in blocks:
+        recorded = runner.recorded(idx) if idx in blocks else None
+        if idx not in blocks or recorded is not None:  # recorded: finished by a killed run of this command
             states = [runner.forward(layer, b) for b in states]
+            if recorded is not None:
+                layers_info[str(idx)] = recorded
             continue
         adapter, block = blocks[idx]
         ratios = []
@@ -64,6 +67,7 @@ def dynamic_skipping(model, calib_loader, args):
         if r.shape[1] == 1:  # top-2: one number per layer, the paper's (and original code's) format
             median, mean = median[0], mean[0]
         layers_info[str(idx)] = {"beta_median": median, "beta_mean": mean, "n_tokens": int(r.shape[0])}
+        runner.record(idx, layers_info[str(idx)])
         logger.info("layer %d: median w_j/w_1 %s, mean %s", idx, median, mean)
     model.config.betas = {k: v["beta_median"] for k, v in layers_info.items()}
     return model, {"layers": layers_info}
