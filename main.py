@@ -48,7 +48,7 @@ from method import METHODS  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.loading import DTYPES  # noqa: E402
-from model.runner import LayerJournal  # noqa: E402
+from model.runner import LayerJournal, journaling  # noqa: E402
 
 logger = logging.getLogger("main")
 
@@ -574,8 +574,8 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
 
-            model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg,
-                                              journal=staging.journal)
+            with journaling(staging.journal):  # finished layers are recorded there, and replayed on a rerun
+                model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg)
 
             record = {
                 "args": asdict(cfg),

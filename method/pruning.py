@@ -20,19 +20,19 @@ import logging
 import torch
 
 from model.adapters import find_moe_blocks
-from model.runner import LayerJournal, LayerRunner, capture_io
+from model.runner import LayerRunner, capture_io
 
 from .search import make_search
 
 logger = logging.getLogger(__name__)
 
 
-def layerwise_pruning(model, calib_loader, args, journal: LayerJournal | None = None):
-    return _prune(model, calib_loader, args, progressive=False, journal=journal)
+def layerwise_pruning(model, calib_loader, args):
+    return _prune(model, calib_loader, args, progressive=False)
 
 
-def progressive_pruning(model, calib_loader, args, journal: LayerJournal | None = None):
-    return _prune(model, calib_loader, args, progressive=True, journal=journal)
+def progressive_pruning(model, calib_loader, args):
+    return _prune(model, calib_loader, args, progressive=True)
 
 
 class _Recorded:
@@ -57,11 +57,11 @@ def check_r(model, r: int) -> dict:
 
 
 @torch.no_grad()
-def _prune(model, calib_loader, args, progressive: bool, journal: LayerJournal | None = None):
+def _prune(model, calib_loader, args, progressive: bool):
     if args.r is None:
         raise ValueError("pruning methods need --r, the number of experts to keep per MoE layer")
     blocks = check_r(model, args.r)
-    runner = LayerRunner(model, args.device, journal=journal)
+    runner = LayerRunner(model, args.device)
     original = runner.capture(calib_loader)  # inputs of layer 0, original model
     # Progressive: the pruned model's states. They are the original states (same list)
     # until the first MoE layer has been pruned.

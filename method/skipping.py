@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from model.adapters import UnsupportedRoutingError, find_moe_blocks
-from model.runner import LayerJournal, LayerRunner, capture_io
+from model.runner import LayerRunner, capture_io
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def weight_ratios(weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dynamic_skipping(model, calib_loader, args, journal: LayerJournal | None = None):
+def dynamic_skipping(model, calib_loader, args):
     blocks = check_skippable(model)
-    runner = LayerRunner(model, args.device, journal=journal)
+    runner = LayerRunner(model, args.device)
     states = runner.capture(calib_loader)
     layers_info: dict[str, dict] = {}
     for idx, layer in runner.iter_layers(desc="dynamic skipping calibration"):

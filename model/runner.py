@@ -25,6 +25,7 @@ import json
 import os
 import signal
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -119,6 +120,21 @@ class LayerJournal:
         return sorted(int(f.stem) for f in self.folder.glob("*.json"))
 
 
+# The journal of the run in progress: main.py sets it around the method call (`journaling`), so that every
+# method keeps the registry's one signature fn(model, calib_loader, args) and its runner records layers.
+_JOURNAL: ContextVar[LayerJournal | None] = ContextVar("layer_journal", default=None)
+
+
+@contextmanager
+def journaling(journal: LayerJournal | None) -> Iterator[None]:
+    """Runners created inside record finished layers in `journal` and replay what it already holds."""
+    token = _JOURNAL.set(journal)
+    try:
+        yield
+    finally:
+        _JOURNAL.reset(token)
+
+
 class LayerRunner:
     def __init__(self, model: nn.Module, device: torch.device | str, offload_device: torch.device | str = "cpu",
                  progress: bool = True, journal: LayerJournal | None = None):
@@ -128,7 +144,7 @@ class LayerRunner:
         self.layers = decoder_layers(model)
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self.progress = progress
-        self.journal = journal
+        self.journal = journal if journal is not None else _JOURNAL.get()
 
     def recorded(self, idx: int) -> dict | None:
         """Layer idx's result as recorded by an earlier, killed run of the same command; None to compute it."""
