@@ -1,13 +1,16 @@
 """Layer-wise and progressive expert pruning (paper Sec. 3.1).
 
 Both walk the decoder one layer at a time through `LayerRunner`. For each MoE layer the
-scorer sees the layer's MoE input and the original model's MoE output for every
-calibration batch, then the best kept set is applied in place.
+scorer sees the layer's MoE input for every calibration batch (and the original model's
+MoE output as the target once progressive pruning has changed that input), then the best
+kept set is applied in place.
 
 - layerwise:   MoE inputs come from the original model (every layer judged on the
-               activations of the unpruned model).
+               activations of the unpruned model); the target is the block's output on
+               them, summed in float64 from the scorer's own expert outputs.
 - progressive: MoE inputs come from the model pruned so far, targets stay the original
-               model's outputs, so later layers compensate for earlier decisions.
+               model's outputs, so later layers compensate for earlier decisions (until
+               the first pruned layer the inputs are the original ones: as layerwise).
 
 Each layer's result goes to the runner's journal when there is one, so that a killed run
 continues where it stopped (see model/runner.py).
@@ -83,8 +86,9 @@ def _prune(model, calib_loader, args, progressive: bool):
         for b in range(len(inputs)):
             with capture_io(block) as io:
                 original.append(runner.forward(layer, inputs[b]))
-            x, target = io["inputs"][0], io["outputs"][0]
-            if diverged:  # MoE input of the pruned model; the target stays the original output
+            x, target = io["inputs"][0], None  # target: the original routing of x (method/search.py)
+            if diverged:  # MoE input of the pruned model; the target stays the original model's output
+                target = io["outputs"][0]
                 with capture_io(block) as io:
                     runner.forward(layer, pruned[b])
                 x = io["inputs"][0]

@@ -16,6 +16,16 @@ and every candidate is scored from per-token inner products:
     || Z_t - sum_k w_k y_k ||^2 = <Z,Z> - 2 sum_k w_k <Z, y_k> + sum_{k,l} w_k w_l <y_k, y_l>
 
 so scoring one candidate costs O(tokens * top_k^2) instead of a block forward.
+
+The target Z. With the original model's MoE input (layer-wise pruning, and progressive pruning
+until its first pruned layer), Z is the float64 sum over each token's original routing of the
+same computed expert outputs, Z_t = sum_k w_k y_k (`add_batch(x)`): the block's own output in
+float64, without its rounding to the model dtype. A token whose routing a candidate leaves
+unchanged then contributes 0, as in the paper's enumeration, where Z and Z_D come out of the same
+kernels; against the bf16-rounded Z it would contribute that rounding (~2^-9 |Z_t|) for every
+candidate, a noise floor the paper's objective does not have. Once progressive pruning has
+pruned a layer, the MoE input is the pruned model's and no routing of it reproduces the
+original model's output: Z is then that output, as in the paper (`add_batch(x, target)`).
 """
 
 from __future__ import annotations
@@ -65,18 +75,22 @@ def drop_key(drop: tuple[int, ...]) -> str:
 
 @dataclass
 class TokenStats:
-    """Inner products for one chunk of tokens (float64, but `slot`).
+    """Inner products for one chunk of tokens (float64, but `slot` and the original routing).
 
     slot:  (T, E) long, position of expert e in token t's computed set, -1 if not computed
     gram:  (T, M, M) <y_m, y_n> between the computed experts' outputs of each token
     cross: (T, M) <target, y_m>
     z2:    (T,) <target, target>
+    orig_slot, orig_weight: (T, k) the original routing (slots, weights as the router gives them)
+           when the target is its output, else None
     """
 
     slot: torch.Tensor
     gram: torch.Tensor
     cross: torch.Tensor
     z2: torch.Tensor
+    orig_slot: torch.Tensor | None = None
+    orig_weight: torch.Tensor | None = None
 
 
 def slots_from_mask(needed: torch.Tensor) -> torch.Tensor:
@@ -96,12 +110,14 @@ def _tf32(enabled: bool):
 
 
 def token_stats(y: torch.Tensor, token_idx: torch.Tensor, slot_idx: torch.Tensor, n_tokens: int,
-                n_slots: int, target: torch.Tensor, slot: torch.Tensor) -> TokenStats:
+                n_slots: int, target: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                slot: torch.Tensor) -> TokenStats:
     """Inner products of expert outputs and target.
 
     y:          (N, H) output of expert pair n on its token, in the model dtype
     token_idx:  (N,) token of pair n; slot_idx: (N,) its slot
-    target:     (T, H) float64 target of the routed experts
+    target:     (T, H) float64 target of the routed experts, or the original routing
+                (weights, expert indices), each (T, k), whose output over these same y is the target
 
     The Gram matrix (the T * M^2 * H part) is computed in float64 for float32 models. For
     bfloat16/float16 models it is computed in float32 with TF32 on GPUs: the outputs have
@@ -114,6 +130,16 @@ def token_stats(y: torch.Tensor, token_idx: torch.Tensor, slot_idx: torch.Tensor
     ys[token_idx, slot_idx] = y.to(ys.dtype)
     with _tf32(half):
         gram = (ys @ ys.transpose(1, 2)).to(torch.float64)  # (T, M, M)
+    if isinstance(target, tuple):  # target = sum_k w_k y_k: its inner products are sums of Gram entries
+        weight, idx = target
+        orig_slot = slot.gather(1, idx)  # (T, k)
+        if bool((orig_slot < 0).any()):
+            raise RuntimeError("the original routing uses an expert whose output was not computed")
+        rows = torch.arange(n_tokens, device=gram.device).unsqueeze(-1)
+        w = weight.to(torch.float64)
+        cross = torch.einsum("tk,tkm->tm", w, gram[rows, orig_slot])  # (T, M)
+        z2 = (w * cross.gather(1, orig_slot)).sum(-1)  # (T,)
+        return TokenStats(slot=slot, gram=gram, cross=cross, z2=z2, orig_slot=orig_slot, orig_weight=weight)
     ys = ys.to(torch.float64)
     cross = (ys @ target.unsqueeze(-1)).squeeze(-1)  # (T, M)
     z2 = (target * target).sum(-1)  # (T,)
@@ -135,6 +161,11 @@ def sq_errors(stats: TokenStats, weights: torch.Tensor, indices: torch.Tensor) -
     cross = stats.cross[rows, s]  # (C, T, k)
     gram = stats.gram[rows.unsqueeze(-1), s.unsqueeze(-1), s.unsqueeze(-2)]  # (C, T, k, k)
     err = stats.z2 - 2.0 * (w * cross).sum(-1) + torch.einsum("ctk,ctkl,ctl->ct", w, gram, w)
+    if stats.orig_slot is not None:
+        # The candidate routes the token as the original block did: its output is the target exactly
+        # (the expansion above would leave float64 rounding of |Z_t|^2).
+        same = ((s == stats.orig_slot) & (weights == stats.orig_weight)).all(-1)  # (C, T)
+        err = err.masked_fill(same, 0.0)
     # Rounding can push an exact-zero error a hair below zero; a squared norm is >= 0.
     return err.clamp_min(0.0).sum(-1)
 
@@ -184,15 +215,28 @@ class _LayerSearch:
         self.r = r
         self.groups = adapter.expert_groups(block)
 
-    def _prepare(self, x: torch.Tensor, target: torch.Tensor):
-        """Flatten one batch; subtract the never-pruned shared experts from the target."""
+    def _prepare(self, x: torch.Tensor, target: torch.Tensor | None):
+        """Flatten one batch. With a target (the original MoE output), subtract the never-pruned shared
+        experts from it; without, the target is the original routing over the computed expert outputs
+        (`_with_original`). Returns x (T, H), target (T, H) float64 or None, logits (T, E)."""
         hidden = x.shape[-1]
         x = x.reshape(-1, hidden)
-        target = target.reshape(-1, hidden).to(device=x.device, dtype=torch.float64)
-        shared = self.adapter.shared_output(self.block, x)
-        if shared is not None:  # shared experts are never pruned: score the routed part only
-            target = target - shared.to(torch.float64)
+        if target is not None:
+            target = target.reshape(-1, hidden).to(device=x.device, dtype=torch.float64)
+            shared = self.adapter.shared_output(self.block, x)
+            if shared is not None:  # shared experts are never pruned: score the routed part only
+                target = target - shared.to(torch.float64)
         return x, target, self.adapter.router_logits(self.block, x)  # logits: (T, E)
+
+    def _with_original(self, target, logits, needed):
+        """Without a target: the original routing (weights, indices), each (T, k), becomes the target for
+        `token_stats`, and its experts are added to `needed` (T, E). For most routers some candidate
+        routes each token as the original block does, so they are needed anyway; under group-limited
+        routing with few kept experts per group no candidate may keep a token's whole top-k."""
+        if target is not None:
+            return target, needed
+        weight, idx = self.adapter.route(self.block, logits)  # (T, k): the unpruned block's routing
+        return (weight, idx), needed.scatter(1, idx, True)
 
     def _token_chunks(self, n_tok: int, hidden: int, slots: int):
         """Token slices whose expert outputs (`slots` per token, float64) fit in _BYTES_PER_CHUNK."""
@@ -206,7 +250,8 @@ class _LayerSearch:
             yield slice(c0, min(n_cand, c0 + step))
 
     def _stats(self, x, target, needed) -> TokenStats:
-        """Each needed expert's output once, through the library's experts module, reduced to inner products."""
+        """Each needed expert's output once, through the library's experts module, reduced to inner products.
+        target: (T, H) float64, or the original routing (see `_with_original`)."""
         slot = slots_from_mask(needed)
         token_idx, expert_idx = needed.nonzero(as_tuple=True)
         y = self.adapter.expert_outputs(self.block, x[token_idx], expert_idx)
@@ -244,13 +289,14 @@ class ExhaustiveScorer(_LayerSearch):
         self.losses = torch.zeros(len(self.drops), dtype=torch.float64)
 
     @torch.no_grad()
-    def add_batch(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        """x: MoE input (..., H) for this batch; target: original MoE output (..., H)."""
+    def add_batch(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """x: MoE input (..., H) for this batch; target: the original model's MoE output (..., H) when x
+        is not the original model's MoE input, else None (the original routing of x is the target)."""
         x, target, logits = self._prepare(x, target)
         kept = kept_tensor(self.n, self.drops, x.device)
         sq = torch.zeros(len(self.drops), dtype=torch.float64, device=x.device)
         for ts in self._token_chunks(x.shape[0], x.shape[1], self.n):  # a token may need every expert
-            sq += self._chunk(x[ts], target[ts], logits[ts], kept)
+            sq += self._chunk(x[ts], None if target is None else target[ts], logits[ts], kept)
         self.losses += sq.sqrt().cpu()
 
     def _chunk(self, x, target, logits, kept) -> torch.Tensor:
@@ -259,6 +305,7 @@ class ExhaustiveScorer(_LayerSearch):
         for sl in self._candidate_chunks(x.shape[0], kept.shape[0]):
             _, idx = self.adapter.route(self.block, logits, kept[sl])  # (C, T, k)
             needed.scatter_(1, idx.permute(1, 0, 2).reshape(x.shape[0], -1), True)
+        target, needed = self._with_original(target, logits, needed)
         return self._sq_errors(self._stats(x, target, needed), logits, kept)
 
     def result(self) -> dict:
@@ -291,13 +338,16 @@ class BeamSearch(_LayerSearch):
         self.n_evaluated = 0
 
     @torch.no_grad()
-    def add_batch(self, x: torch.Tensor, target: torch.Tensor) -> None:
+    def add_batch(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """As ExhaustiveScorer.add_batch."""
         x, target, logits = self._prepare(x, target)
         needed = rank_bound_mask(self.adapter.choice_scores(self.block, logits), self.n - self.r, self.k,
                                  self.groups)  # (T, E)
+        target, needed = self._with_original(target, logits, needed)
         chunks = []
         for ts in self._token_chunks(x.shape[0], x.shape[1], int(needed.sum(1).max())):
-            chunks.append((logits[ts], self._stats(x[ts], target[ts], needed[ts])))
+            rows = tuple(t[ts] for t in target) if isinstance(target, tuple) else target[ts]
+            chunks.append((logits[ts], self._stats(x[ts], rows, needed[ts])))
         self.batches.append(chunks)
 
     @torch.no_grad()
