@@ -32,20 +32,31 @@ def test_demo_loads_with_plain_transformers_and_writes_english():
     assert len(words) >= 5 and {"the", "of", "and", "in", "was", "a"} & {w.lower() for w in words}
 
 
-def test_demo_heldout_perplexity_below_model_card_threshold():
-    card = (DEMO / "README.md").read_text()
-    threshold = float(re.search(r"must stay\s+below \*\*([\d.]+)\*\*", card).group(1))
+# Held-out perplexity of the committed demo weights on the first 20 articles of wiki_heldout.jsonl.xz (20 blocks of
+# 512 tokens, 10,220 scored), measured with eval/perplexity.py on the CPU (torch 2.13.0, transformers 5.17.0) for
+# this test; the model card's 28.55 (float32) and 28.58 (bfloat16) were measured the same way when the weights were
+# committed. Tolerance: float32 sums over 10k tokens on another CPU or BLAS move the mean NLL by far less than 1e-5
+# (rel 1e-4 on the perplexity); bfloat16 activations rounded differently by another kernel can move it by ~1e-4
+# (rel 1e-3). A changed weight, tokenizer, blocking or model code moves it by more.
+DEMO_HELDOUT_PPL = {torch.float32: (28.5537, 1e-4), torch.bfloat16: (28.5768, 1e-3)}
+
+
+@pytest.mark.parametrize("dtype", list(DEMO_HELDOUT_PPL))
+def test_demo_heldout_perplexity_is_the_measured_value(dtype):
+    expected, rel = DEMO_HELDOUT_PPL[dtype]
     texts = read_texts(shared_path("corpus/wiki_heldout.jsonl.xz"))[:20]
-    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(DEMO)
     blocks = token_blocks(texts, tok, 512)
     result = perplexity(model, blocks)
-    assert result["tokens_scored"] == blocks.shape[0] * 511
-    # Independent check of the number: transformers' own causal-LM loss on the same blocks.
-    with torch.no_grad():
-        hf = torch.stack([model(input_ids=b[None], labels=b[None]).loss for b in blocks]).mean()
-    assert result["perplexity"] == pytest.approx(float(torch.exp(hf)), rel=1e-4)
-    assert result["perplexity"] < threshold
+    assert blocks.shape == (20, 512) and result["tokens_scored"] == 20 * 511
+    assert result["perplexity"] == pytest.approx(expected, rel=rel)
+    if dtype == torch.float32:  # eval/perplexity.py's arithmetic, which does not depend on the dtype
+        # Independent check: transformers' own causal-LM loss on the same blocks, one at a time (other batch
+        # shapes: the tolerance above).
+        with torch.no_grad():
+            hf = torch.stack([model(input_ids=b[None], labels=b[None]).loss for b in blocks]).mean()
+        assert result["perplexity"] == pytest.approx(float(torch.exp(hf)), rel=rel)
 
 
 def readme_main_command() -> list[str]:

@@ -66,13 +66,35 @@ def test_fast_search_equals_brute_force(tiny_mixtral, tokenizer_dir, c4_path, me
     assert model.config.num_local_experts == r
 
 
-def test_progressive_differs_from_layerwise_after_first_layer(tiny_mixtral, tokenizer_dir, c4_path):
-    """Layer 0 sees the same inputs in both methods; later layers see pruned inputs in progressive."""
-    loader, _ = calib(tokenizer_dir, c4_path)
+def test_progressive_scores_later_layers_on_the_pruned_model(tiny_mixtral, tokenizer_dir, c4_path):
+    """Layer 0 sees the same inputs in both methods. Layer 1 is scored, against the original model's
+    outputs, on the original model's inputs (layerwise) or on those of the model whose layer 0 is already
+    pruned (progressive): each method's layer-1 losses must be the brute force on its own inputs."""
+    from reference import brute_force_layer, masked_mixtral_moe
+
+    loader, batches = calib(tokenizer_dir, c4_path)
     _, lw = METHODS["layerwise_pruning"](load(tiny_mixtral), loader, cfg("layerwise_pruning", 4, tiny_mixtral))
     _, pg = METHODS["progressive_pruning"](load(tiny_mixtral), loader, cfg("progressive_pruning", 4, tiny_mixtral))
     assert lw["layers"]["0"]["loss"] == pg["layers"]["0"]["loss"]  # the same computation: exact
-    assert lw["layers"]["1"]["loss"] != pg["layers"]["1"]["loss"]
+
+    original = load(tiny_mixtral)
+    io = record_moe_io(original, batches)
+    dropped0 = tuple(pg["layers"]["0"]["dropped_experts"])
+    hook = original.model.layers[0].mlp.register_forward_hook(lambda m, a, o: masked_mixtral_moe(m, a[0], dropped0))
+    try:
+        io_pruned0 = record_moe_io(original, batches)
+    finally:
+        hook.remove()
+    block, targets = original.model.layers[1].mlp, [z for _, z in io[1]]
+    expected = {"layerwise": brute_force_layer(block, [x for x, _ in io[1]], targets, 4),
+                "progressive": brute_force_layer(block, [x for x, _ in io_pruned0[1]], targets, 4)}
+    for name, info in (("layerwise", lw), ("progressive", pg)):
+        got = info["layers"]["1"]["loss"]
+        assert set(got) == {",".join(map(str, d)) for d in expected[name]}
+        for drop, ref in expected[name].items():
+            assert got[",".join(map(str, drop))] == pytest.approx(ref, rel=1e-6), (name, drop)
+    # The two references are far apart (inputs differ), so each comparison above tells the methods apart.
+    assert max(abs(expected["progressive"][d] / expected["layerwise"][d] - 1) for d in expected["layerwise"]) > 1e-2
 
 
 @pytest.mark.parametrize("method", ["layerwise_pruning", "progressive_pruning"])
