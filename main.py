@@ -27,7 +27,6 @@ import logging
 import logging.handlers
 import os
 import re
-import resource
 import shutil
 import signal
 import sys
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
 
+from cli import UsageError, fail, one_line, peak_memory, reset_peak_memory, resolve_device  # noqa: E402
 from data import DATASETS, DataFileError, block_size_for, calib_blocks, make_loader  # noqa: E402
 from method import METHODS  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
@@ -51,10 +51,6 @@ from model.loading import DTYPES  # noqa: E402
 from model.runner import LayerJournal  # noqa: E402
 
 logger = logging.getLogger("main")
-
-
-class UsageError(Exception):
-    """Bad flags or paths: reported as one line, nothing written."""
 
 
 class Terminated(BaseException):
@@ -150,11 +146,6 @@ def save_dir_name(cfg: RunConfig, now: datetime | None = None) -> str:
     return f"{run_name(cfg)}_{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
 
 
-def _one_line(e: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checks of the flags and inputs, all before anything is loaded, computed or written.
 
@@ -182,25 +173,6 @@ def check_args(cfg: RunConfig) -> None:
                          "pip install flash-attn, or leave the flag out")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use e.g. cuda, cuda:1 or cpu") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} asked for but no CUDA GPU is visible; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    elif device.type != "cpu":
-        accelerator = torch.accelerator.current_accelerator()
-        if accelerator is None or device.type != accelerator.type:  # meta, or a backend without a device here
-            raise UsageError(f"--device {name} is not a device this machine computes on; use cuda, cuda:N or cpu")
-    return device
-
-
 # A hub id is owner/name. Anything else that does not exist (a bare name, ./x, /x, a/b/c, or owner/name
 # whose owner is a local folder) is taken as a missing local folder: no hub lookup, no retries.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -226,12 +198,12 @@ def check_model(cfg: RunConfig, folder: Path | None = None):
     try:
         config = AutoConfig.from_pretrained(cfg.model_path)
     except Exception as e:  # bad JSON, unknown model_type, a mistyped value (typed config classes): one line
-        raise UsageError(f"cannot read the model config {where}: {_one_line(e)}") from None
+        raise UsageError(f"cannot read the model config {where}: {one_line(e, limit=400)}") from None
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except (TypeError, ValueError) as e:  # e.g. not a causal LM, inconsistent sizes
-        raise UsageError(f"cannot build a model from {where}: {_one_line(e)}") from None
+        raise UsageError(f"cannot build a model from {where}: {one_line(e, limit=400)}") from None
     blocks = find_moe_blocks(skeleton)
     if cfg.method.endswith("_pruning"):
         for adapter, block in blocks.values():
@@ -292,7 +264,7 @@ def load_tokenizer(model_path: str, folder: Path | None):
                                                                           "vocab.json", "tokenizer_config.json")):
             raise UsageError(f"no tokenizer files in {folder} (tokenizer.json, tokenizer.model, vocab.json): copy "
                              f"them from the model it was made from") from None
-        raise UsageError(f"cannot load the tokenizer of {model_path}: {_one_line(e)}") from None
+        raise UsageError(f"cannot load the tokenizer of {model_path}: {one_line(e, limit=400)}") from None
 
 
 def check_vocab(blocks: torch.Tensor, config) -> None:
@@ -525,13 +497,6 @@ def load_model(cfg: RunConfig):
     return model
 
 
-def peak_memory(device: torch.device) -> dict:
-    out = {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if device.type == "cuda":
-        out["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
-
-
 def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
     """Check everything, then prune (or calibrate skipping) and save; returns the result folder.
 
@@ -571,8 +536,7 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
                             staging.path, ", ".join(map(str, resumed)))
             if model is None:
                 model = load_model(cfg)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory(device)
 
             model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg,
                                               journal=staging.journal)
@@ -657,8 +621,7 @@ def main(argv=None) -> int:
         try:
             save_path = run(cfg, inputs_valid=release_logs)
         except (UsageError, DataFileError, MoEError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail("main.py", e)
         except KeyboardInterrupt:
             print("interrupted (Ctrl-C)", file=sys.stderr)
             return 130
