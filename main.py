@@ -31,8 +31,9 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -57,67 +58,67 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that the staging folder is cleaned up as on Ctrl-C."""
 
 
+def _setting(default=MISSING, help: str = "", **flag):
+    """A RunConfig field with its command-line help (and argparse extras such as `choices`): the field's
+    default is the flag's, written once."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class RunConfig:
-    """Every setting of a run; saved in pruning_info.json under "args"."""
+    """Every setting of a run, one --flag each (`build_parser`); saved in pruning_info.json under "args"."""
 
-    method: str
-    calib_set: str
-    model_path: str
-    r: int | None = None
-    output_path: str = "./output"
-    max_block_size: int = 2048
-    n_blocks_for_stat: int = 128
-    batch_size: int = 8
-    num_workers: int = 4
-    seed: int = 42
-    use_flash_attention_2: bool = False
-    calib_path: str | None = None
-    device: str | None = None
-    dtype: str = "bfloat16"
-    search: str = "auto"
-    exhaustive_limit: int = 20000
-    beam_width: int = 4
-    swap_rounds: int = 4
+    method: str = _setting(
+        choices=list(METHODS),
+        help="layerwise_pruning: keep the r experts per layer that best reproduce the original layer output; "
+             "progressive_pruning: the same, layer after layer on the already pruned model; dynamic_skipping: "
+             "calibrate per-layer betas for skipping the 2nd expert")
+    calib_set: str = _setting(
+        choices=list(DATASETS),
+        help="calibration set: " + "; ".join(f"{k}: {v.default_paths[0]}" for k, v in DATASETS.items()))
+    model_path: str = _setting(help="checkpoint folder (or hub id) of the model to prune")
+    r: int | None = _setting(None, "number of experts to keep per MoE layer (pruning methods)")
+    output_path: str = _setting("./output", "folder under which the run's result folder is created; the same "
+                                            "command run again after a kill continues the killed run there")
+    max_block_size: int = _setting(2048, "tokens per calibration sequence, at most the tokenizer's model_max_length")
+    n_blocks_for_stat: int = _setting(128, "number of calibration sequences; 0 or negative uses the whole file")
+    batch_size: int = _setting(8, "sequences per forward batch; the loss sums one Frobenius norm per batch")
+    num_workers: int = _setting(4, "DataLoader workers for the calibration batches")
+    seed: int = _setting(42, "seed for document sampling and everything random")
+    use_flash_attention_2: bool = _setting(False, "load the model with Flash Attention 2")
+    calib_path: str | None = _setting(None, "calibration file to read instead of the calibration set's default path")
+    device: str | None = _setting(None, "compute device, e.g. cuda, cuda:1, cpu (default: the GPU when there is "
+                                        "one). Layers are moved there one at a time; the model itself stays in "
+                                        "host memory")
+    dtype: str = _setting("bfloat16", "dtype to load the model in (bfloat16 as the paper)",
+                          choices=[k for k in DTYPES if k != "auto"])
+    search: str = _setting("auto", "how to find the kept set: exhaustive tries every drop set (the paper); beam "
+                                   "scales to many experts (greedy elimination with a beam, then swap refinement); "
+                                   "auto: exhaustive when there are at most --exhaustive_limit candidate sets, "
+                                   "else beam", choices=["auto", "exhaustive", "beam"])
+    exhaustive_limit: int = _setting(20000, "largest number of candidate drop sets searched exhaustively with "
+                                            "--search auto")
+    beam_width: int = _setting(4, "beam width of --search beam")
+    swap_rounds: int = _setting(4, "at most this many swap-refinement rounds of beam")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One --flag per RunConfig field: its type, default, help and choices come from the field."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=list(METHODS),
-                   help="layerwise_pruning: keep the r experts per layer that best reproduce the original "
-                        "layer output; progressive_pruning: the same, layer after layer on the already pruned "
-                        "model; dynamic_skipping: calibrate per-layer betas for skipping the 2nd expert")
-    p.add_argument("--r", type=int, default=None, help="number of experts to keep per MoE layer (pruning methods)")
-    p.add_argument("--calib_set", required=True, choices=list(DATASETS),
-                   help="calibration set: " + "; ".join(f"{k}: {v.default_paths[0]}" for k, v in DATASETS.items()))
-    p.add_argument("--model_path", required=True, help="checkpoint folder (or hub id) of the model to prune")
-    p.add_argument("--output_path", default="./output",
-                   help="folder under which the run's result folder is created (default: ./output); the same "
-                        "command run again after a kill continues the killed run there")
-    p.add_argument("--max_block_size", type=int, default=2048,
-                   help="tokens per calibration sequence, at most the tokenizer's model_max_length (default: 2048)")
-    p.add_argument("--n_blocks_for_stat", type=int, default=128,
-                   help="number of calibration sequences; 0 or negative uses the whole file (default: 128)")
-    p.add_argument("--batch_size", type=int, default=8,
-                   help="sequences per forward batch; the loss sums one Frobenius norm per batch (default: 8)")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers for the calibration batches")
-    p.add_argument("--seed", type=int, default=42, help="seed for document sampling and everything random")
-    p.add_argument("--use_flash_attention_2", action="store_true", help="load the model with Flash Attention 2")
-    p.add_argument("--calib_path", default=None,
-                   help="calibration file to read instead of the calibration set's default path")
-    p.add_argument("--device", default=None,
-                   help="compute device, e.g. cuda, cuda:1, cpu (default: the GPU when there is one). Layers are "
-                        "moved there one at a time; the model itself stays in host memory")
-    p.add_argument("--dtype", default="bfloat16", choices=[k for k in DTYPES if k != "auto"],
-                   help="dtype to load the model in (default: bfloat16, as the paper)")
-    p.add_argument("--search", default="auto", choices=["auto", "exhaustive", "beam"],
-                   help="how to find the kept set: exhaustive tries every drop set (the paper); beam scales to "
-                        "many experts (greedy elimination with a beam, then swap refinement); auto: exhaustive "
-                        "when there are at most --exhaustive_limit candidate sets, else beam")
-    p.add_argument("--exhaustive_limit", type=int, default=20000,
-                   help="largest number of candidate drop sets searched exhaustively with --search auto")
-    p.add_argument("--beam_width", type=int, default=4, help="beam width of --search beam")
-    p.add_argument("--swap_rounds", type=int, default=4, help="at most this many swap-refinement rounds of beam")
+    hints = typing.get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        kw = dict(f.metadata)
+        if hints[f.name] is bool:  # an on/off switch, off by default
+            p.add_argument(f"--{f.name}", action="store_true", **kw)
+            continue
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # X | None
+        if f.default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+            if f.default is not None:
+                kw["help"] += " (default: %(default)s)"
+        p.add_argument(f"--{f.name}", type=kind, **kw)
     return p
 
 
