@@ -1,10 +1,11 @@
 """What the command-line scripts share: one-line errors, the --device flag, peak-memory figures.
 
-Bad input: one line on stderr, exit code 2, nothing written. Each script raises `UsageError` (or one of the library's own input errors: DataFileError,
-BetasError, ...) as soon as it finds a bad flag, path or file; its main() catches them and
-returns `fail(prog, error)`, which prints that one line and gives exit code 2. Paths the run
-will write are checked with `check_output_file` / `check_output_dir` before anything is
-loaded, so a bad one fails at once instead of after the compute.
+Bad input: one line on stderr, exit code 2, nothing written. Each script raises `UsageError`
+(or one of the library's own input errors: DataFileError, BetasError, ...) as soon as it finds
+a bad flag, path or file; its main() catches them and returns `fail(prog, error)`, which prints
+that one line and gives exit code 2. Paths the run will write are checked with
+`check_output_file` / `check_output_dir` before anything is loaded, so a bad one fails at once
+instead of after the compute.
 """
 
 from __future__ import annotations

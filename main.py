@@ -210,7 +210,7 @@ def check_model(cfg: RunConfig, folder: Path | None = None):
         for adapter, block in blocks.values():
             adapter.check_r(block, cfg.r)
     else:
-        from method.skipping import check_skippable
+        from method.skip_calibration import check_skippable
         check_skippable(skeleton)
     if folder is not None:
         check_weights(folder)

@@ -46,7 +46,7 @@ from model import DynamicSkipping, load_model  # noqa: E402
 from model.loading import DTYPES, CheckpointError, check_checkpoint  # noqa: E402
 from model.static_decode import StaticDecoder  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
-from model.skipping import BetasError, check_betas  # noqa: E402
+from model.dynamic_skipping import BetasError, check_betas  # noqa: E402
 
 logger = logging.getLogger("benchmark_speed")
 

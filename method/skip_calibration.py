@@ -1,7 +1,8 @@
-"""Dynamic skipping calibration (paper Sec. 3.2).
+"""Dynamic skipping, calibration side (paper Sec. 3.2): `--method dynamic_skipping` computes the betas.
 
-At inference a token skips its 2nd routed expert when w2 < beta * w1. Per MoE layer,
-beta is the median of w2 / w1 over all calibration tokens (the mean is recorded too).
+At inference (model/dynamic_skipping.py: the rule, the renormalisation and the hooks) a token
+skips its 2nd routed expert when w2 < beta * w1. Per MoE layer, beta is the median of w2 / w1
+over all calibration tokens (the mean is recorded too).
 The betas are stored in the model config under `betas` ({"<layer>": median}), the key
 the original code used, so its checkpoints and ours are read the same way.
 """
@@ -32,7 +33,7 @@ def weight_ratios(weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """(tokens, k) routing weights -> (tokens, k - 1): w_j / w_1 for ranks j = 2..k.
 
     Ranks are the router's order of choice, given by its choice scores (tokens, k) of the same
-    slots, as the skipping rule ranks them (`model.skipping.skip_rule`).
+    slots, as the skipping rule ranks them (`model.dynamic_skipping.skip_rule`).
     """
     order = scores.argsort(dim=-1, descending=True, stable=True)
     w = weights.float().gather(-1, order)
