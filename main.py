@@ -27,12 +27,13 @@ import logging
 import logging.handlers
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
 import time
 import typing
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -41,12 +42,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
 
 from cli import UsageError, fail, one_line, peak_memory, reset_peak_memory, resolve_device  # noqa: E402
 from data import DATASETS, DataFileError, block_size_for, calib_blocks, make_loader  # noqa: E402
 from method import METHODS  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
+from model.card import (INFO_FILE, add_original_numbering, input_license, model_card, read_expert_map,  # noqa: E402
+                        summary_table)
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.loading import DTYPES  # noqa: E402
 from model.runner import LayerJournal  # noqa: E402
@@ -512,6 +516,7 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
     logger.info("config: %s", json.dumps(asdict(cfg)))
     model_dir = model_folder(cfg.model_path)
     config = check_model(cfg, model_dir)
+    input_map = read_expert_map(model_dir)  # the input's experts in the original model's numbering, if pruned
     tokenizer = load_tokenizer(cfg.model_path, model_dir)
     block_size_for(tokenizer, cfg.max_block_size)  # refuses blocks without context before anything is loaded
     calib_file = DATASETS[cfg.calib_set].resolve(cfg.calib_path)
@@ -544,6 +549,7 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
 
             record = {
                 "args": asdict(cfg),
+                "command": command_line(cfg),
                 "calibration": {"n_blocks": blocks.shape[0], "block_size": blocks.shape[1]},
                 **info,
                 "wall_time_s": time.time() - start,
@@ -552,6 +558,8 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
             }
             if resumed:
                 record["resumed_layers"] = resumed  # results of the killed run (the wall time is this run's)
+            add_original_numbering(record, input_map, {str(i): adapter.num_experts(block)
+                                                       for i, (adapter, block) in find_moe_blocks(model).items()})
             save(model, tokenizer, record, staging.result)
             return staging.publish(save_path)
     finally:
@@ -559,10 +567,25 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
 
 
 def save(model, tokenizer, record: dict, save_path: Path) -> None:
-    """Write the checkpoint, its tokenizer and pruning_info.json into save_path (the staging folder's result/).
-    config.json and the tokenizer files come from the input folder (model/checkpoint.py says why)."""
-    save_checkpoint(model, tokenizer, record["args"]["model_path"], save_path)
-    (save_path / "pruning_info.json").write_text(json.dumps(record, indent=2) + "\n")
+    """Write the checkpoint, its tokenizer, pruning_info.json and the model card README.md into save_path (the
+    staging folder's result/). config.json and the tokenizer files come from the input folder (model/checkpoint.py
+    says why)."""
+    source = record["args"]["model_path"]
+    save_checkpoint(model, tokenizer, source, save_path)
+    (save_path / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (save_path / "README.md").write_text(model_card(record, input_license(Path(source))))
+
+
+def command_line(cfg: RunConfig) -> str:
+    """The main.py command of this run: the required flags and those that differ from their defaults, but
+    --output_path (where the result went does not change it)."""
+    flags = []
+    for f in fields(RunConfig):
+        value = getattr(cfg, f.name)
+        if value == f.default or f.name == "output_path":
+            continue
+        flags += [f"--{f.name}"] if value is True else [f"--{f.name}", str(value)]
+    return shlex.join(["python", "main.py", *flags])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -573,7 +596,9 @@ def save(model, tokenizer, record: dict, save_path: Path) -> None:
 def cli_logging():
     """INFO logs on stderr, held back until `release()`: bad input found before then prints only its error.
 
-    transformers' own log records go the same way (through the root logger) while this is active.
+    transformers' own log records go the same way (through the root logger) while this is active. Once
+    released, log lines go through tqdm (`logging_redirect_tqdm`): a line logged while a progress bar is
+    drawn clears the bar, starts on a line of its own, and the bar is drawn again below it.
     """
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -586,15 +611,19 @@ def cli_logging():
     transformers.logging.disable_default_handler()
     transformers.logging.enable_propagation()
 
+    redirect = ExitStack()
+
     def release():
         if held in root.handlers:
             held.flush()
             root.removeHandler(held)
             root.addHandler(stream)
+            redirect.enter_context(logging_redirect_tqdm())  # replaces `stream` with a tqdm.write handler
 
     try:
         yield release
     finally:
+        redirect.close()  # puts `stream` back, removed below
         root.removeHandler(held)
         root.removeHandler(stream)
         root.setLevel(level)
@@ -632,7 +661,8 @@ def main(argv=None) -> int:
         except BaseException:
             release_logs()  # what led to a crash is shown before its traceback
             raise
-    print(f"saved to {save_path}")
+    print(summary_table(json.loads((save_path / INFO_FILE).read_text())))
+    print(f"saved to {save_path} (what was done and how to load it: its README.md)")
     return 0
 
 
