@@ -1,17 +1,21 @@
-"""Bad input in the command-line scripts: one line on stderr, exit code 2, nothing written.
+"""What the command-line scripts share: one-line errors, the --device flag, peak-memory figures.
 
-Each script raises `UsageError` (or one of the library's own input errors: DataFileError,
-BetasError, ...) as soon as it finds a bad flag, path or file; its main() catches them and
-returns `fail(prog, error)`, which prints that one line and gives exit code 2. Paths the run
-will write are checked with `check_output_file` / `check_output_dir` before anything is
-loaded, so a bad one fails at once instead of after the compute.
+Bad input: one line on stderr, exit code 2, nothing written. Each script raises `UsageError`
+(or one of the library's own input errors: DataFileError, BetasError, ...) as soon as it finds
+a bad flag, path or file; its main() catches them and returns `fail(prog, error)`, which prints
+that one line and gives exit code 2. Paths the run will write are checked with
+`check_output_file` / `check_output_dir` before anything is loaded, so a bad one fails at once
+instead of after the compute.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from pathlib import Path
+
+import torch
 
 EXIT_USAGE = 2
 
@@ -20,9 +24,11 @@ class UsageError(Exception):
     """Bad flags, paths or files: reported as one line on stderr, exit code 2, nothing written."""
 
 
-def one_line(message: object) -> str:
-    """Library messages (YAML, JSON, transformers) can span lines: join them so that stderr gets one line."""
-    return " ".join(part.strip() for part in str(message).strip().splitlines() if part.strip())
+def one_line(message: object, limit: int | None = None) -> str:
+    """Library messages (YAML, JSON, transformers) can span lines: join them so that stderr gets one line,
+    cut to `limit` characters when given."""
+    text = " ".join(part.strip() for part in str(message).strip().splitlines() if part.strip())
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 def fail(prog: str, message: object) -> int:
@@ -71,3 +77,37 @@ def check_output_dir(path: str, flag: str) -> None:
                              f"choose another {flag}")
         return
     _check_creatable(p, flag)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device: the named device, checked to exist here; None: the GPU when there is one, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use e.g. cuda, cuda:1 or cpu") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for but no CUDA GPU is visible; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif device.type != "cpu":
+        accelerator = torch.accelerator.current_accelerator()
+        if accelerator is None or device.type != accelerator.type:  # meta, or a backend without a device here
+            raise UsageError(f"--device {name} is not a device this machine computes on; use cuda, cuda:N or cpu")
+    return device
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory`'s GPU figure from now (the host figure is the process's lifetime peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident host memory of this process and, on a GPU, peak allocated GPU memory, in GiB."""
+    out = {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss: KiB
+    if device.type == "cuda":
+        out["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out

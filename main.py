@@ -27,13 +27,14 @@ import logging
 import logging.handlers
 import os
 import re
-import resource
+import shlex
 import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+import typing
+from contextlib import ExitStack, contextmanager
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -41,11 +42,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
 
+from cli import UsageError, fail, one_line, peak_memory, reset_peak_memory, resolve_device  # noqa: E402
 from data import DATASETS, DataFileError, block_size_for, calib_blocks, make_loader  # noqa: E402
 from method import METHODS  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
+from model.card import (INFO_FILE, add_original_numbering, input_license, model_card, read_expert_map,  # noqa: E402
+                        summary_table)
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.loading import DTYPES  # noqa: E402
 from model.runner import LayerJournal, journaling  # noqa: E402
@@ -53,75 +58,71 @@ from model.runner import LayerJournal, journaling  # noqa: E402
 logger = logging.getLogger("main")
 
 
-class UsageError(Exception):
-    """Bad flags or paths: reported as one line, nothing written."""
-
-
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that the staging folder is cleaned up as on Ctrl-C."""
 
 
+def _setting(default=MISSING, help: str = "", **flag):
+    """A RunConfig field with its command-line help (and argparse extras such as `choices`): the field's
+    default is the flag's, written once."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class RunConfig:
-    """Every setting of a run; saved in pruning_info.json under "args"."""
+    """Every setting of a run, one --flag each (`build_parser`); saved in pruning_info.json under "args"."""
 
-    method: str
-    calib_set: str
-    model_path: str
-    r: int | None = None
-    output_path: str = "./output"
-    max_block_size: int = 2048
-    n_blocks_for_stat: int = 128
-    batch_size: int = 8
-    num_workers: int = 4
-    seed: int = 42
-    use_flash_attention_2: bool = False
-    calib_path: str | None = None
-    device: str | None = None
-    dtype: str = "bfloat16"
-    search: str = "auto"
-    exhaustive_limit: int = 20000
-    beam_width: int = 4
-    swap_rounds: int = 4
+    method: str = _setting(
+        choices=list(METHODS),
+        help="layerwise_pruning: keep the r experts per layer that best reproduce the original layer output; "
+             "progressive_pruning: the same, layer after layer on the already pruned model; dynamic_skipping: "
+             "calibrate per-layer betas for skipping the 2nd expert")
+    calib_set: str = _setting(
+        choices=list(DATASETS),
+        help="calibration set: " + "; ".join(f"{k}: {v.default_paths[0]}" for k, v in DATASETS.items()))
+    model_path: str = _setting(help="checkpoint folder (or hub id) of the model to prune")
+    r: int | None = _setting(None, "number of experts to keep per MoE layer (pruning methods)")
+    output_path: str = _setting("./output", "folder under which the run's result folder is created; the same "
+                                            "command run again after a kill continues the killed run there")
+    max_block_size: int = _setting(2048, "tokens per calibration sequence, at most the tokenizer's model_max_length")
+    n_blocks_for_stat: int = _setting(128, "number of calibration sequences; 0 or negative uses the whole file")
+    batch_size: int = _setting(8, "sequences per forward batch; the loss sums one Frobenius norm per batch")
+    num_workers: int = _setting(4, "DataLoader workers for the calibration batches")
+    seed: int = _setting(42, "seed for document sampling and everything random")
+    use_flash_attention_2: bool = _setting(False, "load the model with Flash Attention 2")
+    calib_path: str | None = _setting(None, "calibration file to read instead of the calibration set's default path")
+    device: str | None = _setting(None, "compute device, e.g. cuda, cuda:1, cpu (default: the GPU when there is "
+                                        "one). Layers are moved there one at a time; the model itself stays in "
+                                        "host memory")
+    dtype: str = _setting("bfloat16", "dtype to load the model in (bfloat16 as the paper)",
+                          choices=[k for k in DTYPES if k != "auto"])
+    search: str = _setting("auto", "how to find the kept set: exhaustive tries every drop set (the paper); beam "
+                                   "scales to many experts (greedy elimination with a beam, then swap refinement); "
+                                   "auto: exhaustive when there are at most --exhaustive_limit candidate sets, "
+                                   "else beam", choices=["auto", "exhaustive", "beam"])
+    exhaustive_limit: int = _setting(20000, "largest number of candidate drop sets searched exhaustively with "
+                                            "--search auto")
+    beam_width: int = _setting(4, "beam width of --search beam")
+    swap_rounds: int = _setting(4, "at most this many swap-refinement rounds of beam")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One --flag per RunConfig field: its type, default, help and choices come from the field."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=list(METHODS),
-                   help="layerwise_pruning: keep the r experts per layer that best reproduce the original "
-                        "layer output; progressive_pruning: the same, layer after layer on the already pruned "
-                        "model; dynamic_skipping: calibrate per-layer betas for skipping the 2nd expert")
-    p.add_argument("--r", type=int, default=None, help="number of experts to keep per MoE layer (pruning methods)")
-    p.add_argument("--calib_set", required=True, choices=list(DATASETS),
-                   help="calibration set: " + "; ".join(f"{k}: {v.default_paths[0]}" for k, v in DATASETS.items()))
-    p.add_argument("--model_path", required=True, help="checkpoint folder (or hub id) of the model to prune")
-    p.add_argument("--output_path", default="./output",
-                   help="folder under which the run's result folder is created (default: ./output); the same "
-                        "command run again after a kill continues the killed run there")
-    p.add_argument("--max_block_size", type=int, default=2048,
-                   help="tokens per calibration sequence, at most the tokenizer's model_max_length (default: 2048)")
-    p.add_argument("--n_blocks_for_stat", type=int, default=128,
-                   help="number of calibration sequences; 0 or negative uses the whole file (default: 128)")
-    p.add_argument("--batch_size", type=int, default=8,
-                   help="sequences per forward batch; the loss sums one Frobenius norm per batch (default: 8)")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers for the calibration batches")
-    p.add_argument("--seed", type=int, default=42, help="seed for document sampling and everything random")
-    p.add_argument("--use_flash_attention_2", action="store_true", help="load the model with Flash Attention 2")
-    p.add_argument("--calib_path", default=None,
-                   help="calibration file to read instead of the calibration set's default path")
-    p.add_argument("--device", default=None,
-                   help="compute device, e.g. cuda, cuda:1, cpu (default: the GPU when there is one). Layers are "
-                        "moved there one at a time; the model itself stays in host memory")
-    p.add_argument("--dtype", default="bfloat16", choices=[k for k in DTYPES if k != "auto"],
-                   help="dtype to load the model in (default: bfloat16, as the paper)")
-    p.add_argument("--search", default="auto", choices=["auto", "exhaustive", "beam"],
-                   help="how to find the kept set: exhaustive tries every drop set (the paper); beam scales to "
-                        "many experts (greedy elimination with a beam, then swap refinement); auto: exhaustive "
-                        "when there are at most --exhaustive_limit candidate sets, else beam")
-    p.add_argument("--exhaustive_limit", type=int, default=20000,
-                   help="largest number of candidate drop sets searched exhaustively with --search auto")
-    p.add_argument("--beam_width", type=int, default=4, help="beam width of --search beam")
-    p.add_argument("--swap_rounds", type=int, default=4, help="at most this many swap-refinement rounds of beam")
+    hints = typing.get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        kw = dict(f.metadata)
+        if hints[f.name] is bool:  # an on/off switch, off by default
+            p.add_argument(f"--{f.name}", action="store_true", **kw)
+            continue
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # X | None
+        if f.default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+            if f.default is not None:
+                kw["help"] += " (default: %(default)s)"
+        p.add_argument(f"--{f.name}", type=kind, **kw)
     return p
 
 
@@ -148,11 +149,6 @@ def run_name(cfg: RunConfig) -> str:
 def save_dir_name(cfg: RunConfig, now: datetime | None = None) -> str:
     """The result folder's name; a folder of that name made in the same second gets -2, -3, ... (Staging.publish)."""
     return f"{run_name(cfg)}_{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
-
-
-def _one_line(e: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,25 +178,6 @@ def check_args(cfg: RunConfig) -> None:
                          "pip install flash-attn, or leave the flag out")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use e.g. cuda, cuda:1 or cpu") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} asked for but no CUDA GPU is visible; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    elif device.type != "cpu":
-        accelerator = torch.accelerator.current_accelerator()
-        if accelerator is None or device.type != accelerator.type:  # meta, or a backend without a device here
-            raise UsageError(f"--device {name} is not a device this machine computes on; use cuda, cuda:N or cpu")
-    return device
-
-
 # A hub id is owner/name. Anything else that does not exist (a bare name, ./x, /x, a/b/c, or owner/name
 # whose owner is a local folder) is taken as a missing local folder: no hub lookup, no retries.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -226,18 +203,18 @@ def check_model(cfg: RunConfig, folder: Path | None = None):
     try:
         config = AutoConfig.from_pretrained(cfg.model_path)
     except Exception as e:  # bad JSON, unknown model_type, a mistyped value (typed config classes): one line
-        raise UsageError(f"cannot read the model config {where}: {_one_line(e)}") from None
+        raise UsageError(f"cannot read the model config {where}: {one_line(e, limit=400)}") from None
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except (TypeError, ValueError) as e:  # e.g. not a causal LM, inconsistent sizes
-        raise UsageError(f"cannot build a model from {where}: {_one_line(e)}") from None
+        raise UsageError(f"cannot build a model from {where}: {one_line(e, limit=400)}") from None
     blocks = find_moe_blocks(skeleton)
     if cfg.method.endswith("_pruning"):
         for adapter, block in blocks.values():
             adapter.check_r(block, cfg.r)
     else:
-        from method.skipping import check_skippable
+        from method.skip_calibration import check_skippable
         check_skippable(skeleton)
     if folder is not None:
         check_weights(folder)
@@ -292,7 +269,7 @@ def load_tokenizer(model_path: str, folder: Path | None):
                                                                           "vocab.json", "tokenizer_config.json")):
             raise UsageError(f"no tokenizer files in {folder} (tokenizer.json, tokenizer.model, vocab.json): copy "
                              f"them from the model it was made from") from None
-        raise UsageError(f"cannot load the tokenizer of {model_path}: {_one_line(e)}") from None
+        raise UsageError(f"cannot load the tokenizer of {model_path}: {one_line(e, limit=400)}") from None
 
 
 def check_vocab(blocks: torch.Tensor, config) -> None:
@@ -525,13 +502,6 @@ def load_model(cfg: RunConfig):
     return model
 
 
-def peak_memory(device: torch.device) -> dict:
-    out = {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if device.type == "cuda":
-        out["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
-
-
 def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
     """Check everything, then prune (or calibrate skipping) and save; returns the result folder.
 
@@ -546,6 +516,7 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
     logger.info("config: %s", json.dumps(asdict(cfg)))
     model_dir = model_folder(cfg.model_path)
     config = check_model(cfg, model_dir)
+    input_map = read_expert_map(model_dir)  # the input's experts in the original model's numbering, if pruned
     tokenizer = load_tokenizer(cfg.model_path, model_dir)
     block_size_for(tokenizer, cfg.max_block_size)  # refuses blocks without context before anything is loaded
     calib_file = DATASETS[cfg.calib_set].resolve(cfg.calib_path)
@@ -571,14 +542,14 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
                             staging.path, ", ".join(map(str, resumed)))
             if model is None:
                 model = load_model(cfg)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory(device)
 
             with journaling(staging.journal):  # finished layers are recorded there, and replayed on a rerun
                 model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg)
 
             record = {
                 "args": asdict(cfg),
+                "command": command_line(cfg),
                 "calibration": {"n_blocks": blocks.shape[0], "block_size": blocks.shape[1]},
                 **info,
                 "wall_time_s": time.time() - start,
@@ -587,6 +558,8 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
             }
             if resumed:
                 record["resumed_layers"] = resumed  # results of the killed run (the wall time is this run's)
+            add_original_numbering(record, input_map, {str(i): adapter.num_experts(block)
+                                                       for i, (adapter, block) in find_moe_blocks(model).items()})
             save(model, tokenizer, record, staging.result)
             return staging.publish(save_path)
     finally:
@@ -594,10 +567,25 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
 
 
 def save(model, tokenizer, record: dict, save_path: Path) -> None:
-    """Write the checkpoint, its tokenizer and pruning_info.json into save_path (the staging folder's result/).
-    config.json and the tokenizer files come from the input folder (model/checkpoint.py says why)."""
-    save_checkpoint(model, tokenizer, record["args"]["model_path"], save_path)
-    (save_path / "pruning_info.json").write_text(json.dumps(record, indent=2) + "\n")
+    """Write the checkpoint, its tokenizer, pruning_info.json and the model card README.md into save_path (the
+    staging folder's result/). config.json and the tokenizer files come from the input folder (model/checkpoint.py
+    says why)."""
+    source = record["args"]["model_path"]
+    save_checkpoint(model, tokenizer, source, save_path)
+    (save_path / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (save_path / "README.md").write_text(model_card(record, input_license(Path(source))))
+
+
+def command_line(cfg: RunConfig) -> str:
+    """The main.py command of this run: the required flags and those that differ from their defaults, but
+    --output_path (where the result went does not change it)."""
+    flags = []
+    for f in fields(RunConfig):
+        value = getattr(cfg, f.name)
+        if value == f.default or f.name == "output_path":
+            continue
+        flags += [f"--{f.name}"] if value is True else [f"--{f.name}", str(value)]
+    return shlex.join(["python", "main.py", *flags])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -608,7 +596,9 @@ def save(model, tokenizer, record: dict, save_path: Path) -> None:
 def cli_logging():
     """INFO logs on stderr, held back until `release()`: bad input found before then prints only its error.
 
-    transformers' own log records go the same way (through the root logger) while this is active.
+    transformers' own log records go the same way (through the root logger) while this is active. Once
+    released, log lines go through tqdm (`logging_redirect_tqdm`): a line logged while a progress bar is
+    drawn clears the bar, starts on a line of its own, and the bar is drawn again below it.
     """
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -621,15 +611,19 @@ def cli_logging():
     transformers.logging.disable_default_handler()
     transformers.logging.enable_propagation()
 
+    redirect = ExitStack()
+
     def release():
         if held in root.handlers:
             held.flush()
             root.removeHandler(held)
             root.addHandler(stream)
+            redirect.enter_context(logging_redirect_tqdm())  # replaces `stream` with a tqdm.write handler
 
     try:
         yield release
     finally:
+        redirect.close()  # puts `stream` back, removed below
         root.removeHandler(held)
         root.removeHandler(stream)
         root.setLevel(level)
@@ -657,8 +651,7 @@ def main(argv=None) -> int:
         try:
             save_path = run(cfg, inputs_valid=release_logs)
         except (UsageError, DataFileError, MoEError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail("main.py", e)
         except KeyboardInterrupt:
             print("interrupted (Ctrl-C)", file=sys.stderr)
             return 130
@@ -668,7 +661,8 @@ def main(argv=None) -> int:
         except BaseException:
             release_logs()  # what led to a crash is shown before its traceback
             raise
-    print(f"saved to {save_path}")
+    print(summary_table(json.loads((save_path / INFO_FILE).read_text())))
+    print(f"saved to {save_path} (what was done and how to load it: its README.md)")
     return 0
 
 

@@ -42,8 +42,10 @@ def sample_from_model(model, tokenizer, block_size: int, n_blocks: int, seed: in
     model.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     blocks = []
+    # Counts sequences, not batches: with the paper's 128 blocks and batch 8, 16 steps of minutes each say little.
+    bar = tqdm(total=n_blocks, desc="Sampling calibration text from the model", unit="seq")
     try:
-        for b0 in tqdm(range(0, n_blocks, batch_size), desc="Sampling calibration text from the model"):
+        for b0 in range(0, n_blocks, batch_size):
             n = min(batch_size, n_blocks - b0)
             ids = torch.full((n, 1), start, dtype=torch.long, device=device)
             past = None
@@ -53,7 +55,9 @@ def sample_from_model(model, tokenizer, block_size: int, n_blocks: int, seed: in
                 probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
                 ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
             blocks.append(ids.cpu())
+            bar.update(n)
     finally:
+        bar.close()
         model.to(home)
     return torch.cat(blocks)
 

@@ -41,12 +41,12 @@ from transformers import LogitsProcessor, LogitsProcessorList, set_seed  # noqa:
 
 from huggingface_hub.errors import StrictDataclassError  # noqa: E402
 
-from cli import UsageError, check_output_file, fail, one_line  # noqa: E402
+from cli import UsageError, check_output_file, fail, one_line, resolve_device  # noqa: E402
 from model import DynamicSkipping, load_model  # noqa: E402
 from model.loading import DTYPES, CheckpointError, check_checkpoint  # noqa: E402
 from model.static_decode import StaticDecoder  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
-from model.skipping import BetasError, check_betas  # noqa: E402
+from model.dynamic_skipping import BetasError, check_betas  # noqa: E402
 
 logger = logging.getLogger("benchmark_speed")
 
@@ -160,20 +160,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.engine != "hf" and args.device == "auto":
         raise UsageError(f"--engine {args.engine} runs the model on one device: use --device cuda or cuda:N")
     check_output_file(args.output, "--output")  # before the model loads, not after the measurements
-
-
-def resolve_device(name: str | None) -> str:
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "auto":
-        return name
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use cuda, cuda:N, cpu or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return str(device)
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype | str:
@@ -585,7 +571,7 @@ def print_summary(result: dict) -> None:
 
 def benchmark(args: argparse.Namespace) -> dict:
     check_args(args)
-    device = resolve_device(args.device)
+    device = args.device if args.device == "auto" else str(resolve_device(args.device))  # auto: accelerate's map
     if args.engine == "graph" and not device.startswith("cuda"):
         raise UsageError("--engine graph captures CUDA graphs: use a GPU, or --engine static on the CPU")
     dtype = resolve_dtype(args.dtype, device)

@@ -32,7 +32,7 @@ from data import DataFileError, read_texts  # noqa: E402
 from data.calib import quiet_tokenizer  # noqa: E402
 from model import MoEError, load_model  # noqa: E402
 from model.loading import DTYPES, CheckpointError, check_checkpoint  # noqa: E402
-from model.skipping import BetasError  # noqa: E402
+from model.dynamic_skipping import BetasError  # noqa: E402
 
 BAD_INPUT = (DataFileError, CheckpointError, BetasError, MoEError)
 

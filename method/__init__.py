@@ -2,7 +2,7 @@
 
 from .baselines import frequency_pruning, random_pruning, reap_pruning
 from .pruning import layerwise_pruning, progressive_pruning
-from .skipping import dynamic_skipping
+from .skip_calibration import dynamic_skipping
 
 METHODS = {
     "layerwise_pruning": layerwise_pruning,

@@ -65,29 +65,26 @@ def _prune(model, calib_loader, args, progressive: bool):
         raise ValueError("pruning methods need --r, the number of experts to keep per MoE layer")
     blocks = check_r(model, args.r)
     runner = LayerRunner(model, args.device)
-    original = runner.capture(calib_loader)  # inputs of layer 0, original model
-    # Progressive: the pruned model's states. They are the original states (same list)
-    # until the first MoE layer has been pruned.
-    pruned = original
+    last = len(runner.layers) - 1
+    original = runner.capture(calib_loader)  # the unpruned model's states entering the current layer
+    pruned = None  # the pruned model's states entering it, once they differ from `original`
     layers_info: dict[str, dict] = {}
     for idx, layer in runner.iter_layers(desc=f"{'progressive' if progressive else 'layerwise'} pruning"):
-        diverged = progressive and pruned is not original
         if idx not in blocks:
             original = [runner.forward(layer, b) for b in original]
-            pruned = [runner.forward(layer, b) for b in pruned] if diverged else original
+            pruned = None if pruned is None else [runner.forward(layer, b) for b in pruned]
             continue
         adapter, block = blocks[idx]
         recorded = runner.recorded(idx)  # set on resume: the layer's forwards run again, its search does not
         scorer = (_Recorded(recorded) if recorded is not None else
                   make_search(adapter, block, args.r, args.search, args.exhaustive_limit, args.beam_width,
                               args.swap_rounds))
-        inputs = original
-        original = []
-        for b in range(len(inputs)):
+        outputs = []
+        for b, state in enumerate(original):
             with capture_io(block) as io:
-                original.append(runner.forward(layer, inputs[b]))
+                outputs.append(runner.forward(layer, state))
             x, target = io["inputs"][0], None  # target: the original routing of x (method/search.py)
-            if diverged:  # MoE input of the pruned model; the target stays the original model's output
+            if pruned is not None:  # MoE input of the pruned model; the target stays the original model's output
                 target = io["outputs"][0]
                 with capture_io(block) as io:
                     runner.forward(layer, pruned[b])
@@ -101,11 +98,9 @@ def _prune(model, calib_loader, args, progressive: bool):
                     info["dropped_experts"], info["best_loss"], info["search"], info["n_evaluated"],
                     info["n_candidates"], " by an earlier run of this command" if recorded is not None else "")
         layers_info[str(idx)] = info
-        if progressive and idx < len(runner.layers) - 1:  # pruned model's states, for the next layers
-            pruned = [runner.forward(layer, b) for b in (pruned if diverged else inputs)]
-        else:
-            pruned = original
-        del inputs
+        # The one difference: progressive feeds the next layers the pruned model's states, layerwise the original's.
+        pruned = [runner.forward(layer, b) for b in pruned or original] if progressive and idx < last else None
+        original = outputs
     next(iter(blocks.values()))[0].prune_config(model.config, args.r)
     info = {"layers": layers_info}
     if getattr(model.config, "betas", None):

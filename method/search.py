@@ -331,7 +331,7 @@ class BeamSearch(_LayerSearch):
 
     method = "beam"
 
-    def __init__(self, adapter, block, r: int, beam_width: int = 4, swap_rounds: int = 4):
+    def __init__(self, adapter, block, r: int, beam_width: int, swap_rounds: int):
         super().__init__(adapter, block, r)
         self.beam_width, self.swap_rounds = beam_width, swap_rounds
         self.batches: list[list[tuple[torch.Tensor, TokenStats]]] = []
@@ -410,9 +410,11 @@ class BeamSearch(_LayerSearch):
 SEARCHES = {"exhaustive": ExhaustiveScorer, "beam": BeamSearch}
 
 
-def make_search(adapter, block, r: int, search: str = "auto", exhaustive_limit: int = 20000, beam_width: int = 4,
-                swap_rounds: int = 4):
-    """The exact enumeration when it has at most `exhaustive_limit` candidates (or when asked), else beam search."""
+def make_search(adapter, block, r: int, search: str, exhaustive_limit: int, beam_width: int, swap_rounds: int):
+    """The exact enumeration when it has at most `exhaustive_limit` candidates (or when asked), else beam search.
+
+    The settings are main.py's flags of the same names (their defaults live in `main.RunConfig`).
+    """
     if search == "auto":
         n_cand = count_drop_sets(adapter.num_experts(block), r, adapter.expert_groups(block))
         search = "exhaustive" if n_cand <= exhaustive_limit else "beam"

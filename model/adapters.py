@@ -186,21 +186,6 @@ class MoEAdapter:
         """Factor the router multiplies its chosen weights by, after any renormalisation."""
         return 1.0
 
-    def weights_after_skip(self, block: nn.Module, weights: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """Routing weights once the `skip` slots (tokens, k) are removed from each token's top-k.
-
-        The result is what the family's router gives when it routes the token to the remaining
-        experts only: a renormalising router gives them its whole total again, one times
-        `routed_scaling` (the paper's skipping block: w1 -> 1 for Mixtral; DeepSeek-V3 and GLM4-MoE
-        with norm_topk_prob: w1 -> routed_scaling_factor); a router that does not renormalise just
-        loses the skipped weights. Rows without a skip are returned untouched.
-        """
-        w = weights.masked_fill(skip, 0.0)
-        if self.renormalizes(block):
-            renormalised = w / w.sum(dim=-1, keepdim=True) * self.routed_scaling(block)
-            w = torch.where(skip.any(dim=-1, keepdim=True), renormalised.to(weights.dtype), weights)
-        return w
-
     # ---- expert compute ------------------------------------------------------------
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """Unweighted output of expert expert_idx[n] on token x[n]: (n, hidden) -> (n, hidden).

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .fused_experts import FUSED, triton_available
-from .skipping import BetasError, DynamicSkipping
+from .dynamic_skipping import BetasError, DynamicSkipping
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 # from_pretrained arguments that say where the config is (the rest are the model's).
@@ -80,7 +80,7 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: str |
     experts_implementation: transformers' name ("eager", "grouped_mm", ...) or "fused"; default:
             "fused" (the Triton decode kernels, model/fused_experts.py) on a GPU when Triton is
             installed, transformers' choice otherwise.
-    Bad betas (see `model.skipping.check_betas`) and a local path that is not a checkpoint
+    Bad betas (see `model.dynamic_skipping.check_betas`) and a local path that is not a checkpoint
     raise before any weight is read.
     """
     path = os.path.expanduser(path)

@@ -32,10 +32,10 @@ from transformers import GenerationConfig  # noqa: E402
 
 from eval.benchmark_speed import (build_random_model, random_init_config, random_prompts, run_samples,  # noqa: E402
                                   summarize)
-from method.skipping import weight_ratios  # noqa: E402
+from method.skip_calibration import weight_ratios  # noqa: E402
 from model import DynamicSkipping  # noqa: E402
 from model.adapters import find_moe_blocks  # noqa: E402
-from model.skipping import register_skipping_implementation  # noqa: E402
+from model.dynamic_skipping import register_skipping_implementation  # noqa: E402
 from model.static_decode import StaticDecoder  # noqa: E402
 
 PEAK_TBS = 4.8
@@ -50,7 +50,7 @@ def gen_config(model, new_tokens: int) -> GenerationConfig:
 
 
 def calibrate_betas(model, batch: torch.Tensor) -> dict:
-    """Per MoE layer, the median of w_j/w_1 over the calibration tokens' routing (method/skipping.py's rule)."""
+    """Per MoE layer, the median of w_j/w_1 over the calibration tokens' routing (method/skip_calibration.py's rule)."""
     ratios, handles = {}, []
     for idx, (adapter, block) in find_moe_blocks(model).items():
         def hook(_m, _a, out, idx=idx):

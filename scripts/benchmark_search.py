@@ -25,7 +25,6 @@ import argparse
 import copy
 import itertools
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from cli import peak_memory, reset_peak_memory  # noqa: E402
 from data import make_loader  # noqa: E402
 from eval.benchmark_speed import build_random_model, random_init_config  # noqa: E402
 from main import RunConfig  # noqa: E402
@@ -49,21 +49,9 @@ def sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def peak(device: torch.device) -> dict:
-    out = {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if device.type == "cuda":
-        out["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def run_ours(model, loader, method: str, r: int, search: str, device: torch.device, beam_width: int) -> dict:
     model = copy.deepcopy(model)
-    reset_peak(device)
+    reset_peak_memory(device)
     cfg = RunConfig(method=method, calib_set="random", model_path="random", r=r, device=str(device),
                     search=search, beam_width=beam_width)
     start = sync(device)
@@ -71,7 +59,7 @@ def run_ours(model, loader, method: str, r: int, search: str, device: torch.devi
     seconds = sync(device) - start
     layers = info["layers"]
     return {"method": method, "r": r, "search": search, "seconds": seconds,
-            "seconds_per_moe_layer": seconds / len(layers), **peak(device),
+            "seconds_per_moe_layer": seconds / len(layers), **peak_memory(device),
             "layers": {k: {key: v[key] for key in ("dropped_experts", "best_loss", "search", "n_candidates",
                                                    "n_evaluated")} for k, v in layers.items()}}
 
@@ -94,7 +82,7 @@ def run_baseline(model, loader, r: int, n_layers: int, device: torch.device) -> 
     runner = LayerRunner(model, device, progress=False)
     states = runner.capture(loader)
     out = {}
-    reset_peak(device)
+    reset_peak_memory(device)
     for idx, layer in runner.iter_layers(desc="baseline"):
         if len(out) == n_layers:
             break
@@ -124,7 +112,7 @@ def run_baseline(model, loader, r: int, n_layers: int, device: torch.device) -> 
         out[str(idx)] = {"cache_seconds": cache_seconds, "enumeration_seconds": enum_seconds,
                          "n_candidates": len(losses), "dropped_experts": list(best), "best_loss": losses[best]}
         states = new_states
-    return {"r": r, "layers": out, **peak(device)}
+    return {"r": r, "layers": out, **peak_memory(device)}
 
 
 def main(argv=None) -> int:

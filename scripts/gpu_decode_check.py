@@ -27,7 +27,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
 
 from model import load_model  # noqa: E402
 from model.fused_experts import fused_experts_reference, fused_experts_triton  # noqa: E402
-from model.skipping import register_skipping_implementation, skip_kernel, skip_rule  # noqa: E402
+from model.dynamic_skipping import register_skipping_implementation, skip_kernel, skip_rule  # noqa: E402
 from model.static_decode import StaticDecoder  # noqa: E402
 
 SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8)}  # H, I, E, K

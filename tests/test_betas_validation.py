@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from eval import benchmark_speed, perplexity, run_lm_eval
 from model import DynamicSkipping, load_model
 from model.loading import check_checkpoint
-from model.skipping import BetasError, check_betas
+from model.dynamic_skipping import BetasError, check_betas
 
 NAN, INF = float("nan"), float("inf")
 

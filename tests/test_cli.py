@@ -262,7 +262,7 @@ def test_bad_input_one_line_error_before_loading_and_nothing_written(case, tiny_
     before = listing()
     assert main.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err  # no log line before it
+    assert len(err) == 1 and err[0].startswith("main.py: error: "), err  # no log line before it
     assert re.search(BAD_INPUTS[case], err[0]), err[0]
     assert listing() == before  # nothing written, no staging folder, no output folder made
 

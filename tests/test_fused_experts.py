@@ -136,7 +136,7 @@ def test_kernels_read_no_weight_of_an_unused_expert(interpret):
 
 @pytest.mark.parametrize("k,renorm", [(2, True), (4, True), (4, False), (8, True)])
 def test_skip_kernel_matches_torch_rule(interpret, k, renorm):
-    from model.skipping import skip_kernel, skip_rule
+    from model.dynamic_skipping import skip_kernel, skip_rule
 
     gen = torch.Generator().manual_seed(k)
     t, e = 37, 16

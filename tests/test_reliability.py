@@ -90,7 +90,7 @@ def test_read_only_file_system_is_one_line_before_loading(tiny_mixtral, c4_path,
                            *_args(tiny_mixtral, c4_path, ro)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     # The whole stderr of the process: no log line, no warning, only the error.
-    assert done.stderr.splitlines() == [f"error: cannot write into --output_path {ro}: Read-only file system"]
+    assert done.stderr.splitlines() == [f"main.py: error: cannot write into --output_path {ro}: Read-only file system"]
 
 
 def test_bad_input_in_a_real_process_prints_only_the_error(tiny_mixtral, c4_path, tmp_path):

@@ -19,7 +19,7 @@ import pytest
 
 import main
 import method.pruning
-import method.skipping
+import method.skip_calibration
 from model.runner import KILL_AFTER_LAYER_ENV
 
 from conftest import REPO, save_model, tiny_mixtral_config
@@ -72,8 +72,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(method_name, family, dty
     # Count the searches (pruning) or router-ratio computations (skipping) the resumed run does.
     searched = []
     if method_name == "dynamic_skipping":
-        ratios = method.skipping.weight_ratios
-        monkeypatch.setattr(method.skipping, "weight_ratios", lambda *a: searched.append(1) or ratios(*a))
+        ratios = method.skip_calibration.weight_ratios
+        monkeypatch.setattr(method.skip_calibration, "weight_ratios", lambda *a: searched.append(1) or ratios(*a))
     else:
         make = method.pruning.make_search
         monkeypatch.setattr(method.pruning, "make_search", lambda *a: searched.append(1) or make(*a))

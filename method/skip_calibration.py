@@ -1,7 +1,8 @@
-"""Dynamic skipping calibration (paper Sec. 3.2).
+"""Dynamic skipping, calibration side (paper Sec. 3.2): `--method dynamic_skipping` computes the betas.
 
-At inference a token skips its 2nd routed expert when w2 < beta * w1. Per MoE layer,
-beta is the median of w2 / w1 over all calibration tokens (the mean is recorded too).
+At inference (model/dynamic_skipping.py: the rule, the renormalisation and the hooks) a token
+skips its 2nd routed expert when w2 < beta * w1. Per MoE layer, beta is the median of w2 / w1
+over all calibration tokens (the mean is recorded too).
 The betas are stored in the model config under `betas` ({"<layer>": median}), the key
 the original code used, so its checkpoints and ours are read the same way.
 """
@@ -32,7 +33,7 @@ def weight_ratios(weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """(tokens, k) routing weights -> (tokens, k - 1): w_j / w_1 for ranks j = 2..k.
 
     Ranks are the router's order of choice, given by its choice scores (tokens, k) of the same
-    slots, as the skipping rule ranks them (`model.skipping.skip_rule`).
+    slots, as the skipping rule ranks them (`model.dynamic_skipping.skip_rule`).
     """
     order = scores.argsort(dim=-1, descending=True, stable=True)
     w = weights.float().gather(-1, order)
@@ -63,11 +64,16 @@ def dynamic_skipping(model, calib_loader, args):
             ratios.append(weight_ratios(weights, adapter.chosen_scores(block, logits, indices)).cpu().numpy())
         states = new_states
         r = np.concatenate(ratios).astype(np.float64)  # (tokens, k - 1)
-        median, mean = np.median(r, axis=0).tolist(), np.mean(r, axis=0).tolist()
+        median = np.median(r, axis=0)
+        # The inference rule skips rank j when w_j < beta_j * w_1, i.e. w_j / w_1 < beta_j: the fraction of
+        # calibration tokens that would skip (about one half by the median's definition; less with ties).
+        stats = {"beta_median": median.tolist(), "beta_mean": np.mean(r, axis=0).tolist(),
+                 "calib_skip_rate": np.mean(r < median, axis=0).tolist()}
         if r.shape[1] == 1:  # top-2: one number per layer, the paper's (and original code's) format
-            median, mean = median[0], mean[0]
-        layers_info[str(idx)] = {"beta_median": median, "beta_mean": mean, "n_tokens": int(r.shape[0])}
+            stats = {k: v[0] for k, v in stats.items()}
+        layers_info[str(idx)] = {**stats, "n_tokens": int(r.shape[0])}
         runner.record(idx, layers_info[str(idx)])
-        logger.info("layer %d: median w_j/w_1 %s, mean %s", idx, median, mean)
+        logger.info("layer %d: median w_j/w_1 %s, mean %s, calibration skip rate %s", idx, stats["beta_median"],
+                    stats["beta_mean"], stats["calib_skip_rate"])
     model.config.betas = {k: v["beta_median"] for k, v in layers_info.items()}
     return model, {"layers": layers_info}

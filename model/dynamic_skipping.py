@@ -1,5 +1,9 @@
 """Dynamic skipping at inference (paper Sec. 3.2), without touching installed files.
 
+The betas come from calibration (`--method dynamic_skipping`, method/skip_calibration.py); this
+module applies them: the rule (`skip_rule`), the weights it leaves (`weights_after_skip`), and the
+hooks that put both into a loaded model (`DynamicSkipping`).
+
 Two of transformers' own extension points do the work:
 
 1. A forward hook on each MoE layer's router applies the paper's rule to the router's
@@ -99,7 +103,7 @@ def _use_skip_kernel(device: torch.device) -> bool:
 def skip_kernel(weights: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor, betas: torch.Tensor,
                 n_experts: int, renormalize: bool, scale: float,
                 counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`skip_rule` + `MoEAdapter.weights_after_skip` + sentinel indices + counters, in one Triton kernel.
+    """`skip_rule` + `weights_after_skip` + sentinel indices + counters, in one Triton kernel.
 
     weights, scores, indices: (tokens, k); betas: (k - 1,) float32; scale: the renormalised total
     (routed_scaling_factor); counts: (2,) int64, incremented in place.
@@ -134,6 +138,22 @@ def skip_rule(weights: torch.Tensor, scores: torch.Tensor, betas: torch.Tensor) 
     ranks = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = first choice
     thresholds = torch.cat([betas.new_full((1,), float("-inf")), betas]).to(weights.dtype)[ranks]
     return weights < thresholds * w1
+
+
+def weights_after_skip(weights: torch.Tensor, skip: torch.Tensor, renormalize: bool, scale: float) -> torch.Tensor:
+    """Routing weights (tokens, k) once the `skip` slots (tokens, k) are removed from each token's top-k.
+
+    The result is what the family's router gives when it routes the token to the remaining experts
+    only: a renormalising router (`MoEAdapter.renormalizes`) gives them its whole total again, one
+    times `scale` (`MoEAdapter.routed_scaling`; the paper's skipping block: w1 -> 1 for Mixtral;
+    DeepSeek-V3 and GLM4-MoE with norm_topk_prob: w1 -> routed_scaling_factor); a router that does
+    not renormalise just loses the skipped weights. Rows without a skip are returned untouched.
+    """
+    w = weights.masked_fill(skip, 0.0)
+    if renormalize:
+        renormalised = w / w.sum(dim=-1, keepdim=True) * scale
+        w = torch.where(skip.any(dim=-1, keepdim=True), renormalised.to(weights.dtype), weights)
+    return w
 
 
 class BetasError(ValueError):
@@ -285,7 +305,7 @@ class DynamicSkipping:
                                                        counts)
                 return logits, new_weights, new_indices
             skip = skip_rule(weights, scores, self._device_betas[key])
-            new_weights = adapter.weights_after_skip(block, weights, skip)
+            new_weights = weights_after_skip(weights, skip, adapter.renormalizes(block), adapter.routed_scaling(block))
             new_indices = indices.masked_fill(skip, n_experts)
             counts[0] += skip.shape[0]  # in place: stays correct when the step is replayed from a CUDA graph
             counts[1] += skip.sum()
