@@ -18,7 +18,7 @@ import main
 from data import build_calib_loader
 
 from conftest import save_model, tiny_mixtral_config
-from reference import best, brute_force_layerwise, brute_force_progressive, masked_mixtral_moe
+from reference import best, brute_force_layerwise, brute_force_progressive, pruned_mixtral_moe
 
 BRUTE_FORCE = {"layerwise_pruning": brute_force_layerwise, "progressive_pruning": brute_force_progressive}
 
@@ -74,7 +74,7 @@ def test_main_prunes_and_checkpoint_reloads(tiny_mixtral, c4_path, tmp_path, cap
     # (their logits -> -inf). Float32 rounding only: the softmax runs over 6 logits instead of 8 with two
     # at -inf, and the experts run in other groupings; 1e-5 on logits of order 1.
     hooks = [layer.mlp.register_forward_hook(
-        lambda m, a, o, d=tuple(info["layers"][str(l)]["dropped_experts"]): masked_mixtral_moe(m, a[0], d))
+        lambda m, a, o, d=tuple(info["layers"][str(l)]["dropped_experts"]): pruned_mixtral_moe(m, a[0], d))
         for l, layer in enumerate(original.model.layers)]
     try:
         with torch.no_grad():

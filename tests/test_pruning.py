@@ -70,7 +70,7 @@ def test_progressive_scores_later_layers_on_the_pruned_model(tiny_mixtral, token
     """Layer 0 sees the same inputs in both methods. Layer 1 is scored, against the original model's
     outputs, on the original model's inputs (layerwise) or on those of the model whose layer 0 is already
     pruned (progressive): each method's layer-1 losses must be the brute force on its own inputs."""
-    from reference import brute_force_layer, masked_mixtral_moe
+    from reference import brute_force_layer, pruned_mixtral_moe
 
     loader, batches = calib(tokenizer_dir, c4_path)
     _, lw = METHODS["layerwise_pruning"](load(tiny_mixtral), loader, cfg("layerwise_pruning", 4, tiny_mixtral))
@@ -80,7 +80,7 @@ def test_progressive_scores_later_layers_on_the_pruned_model(tiny_mixtral, token
     original = load(tiny_mixtral)
     io = record_moe_io(original, batches)
     dropped0 = tuple(pg["layers"]["0"]["dropped_experts"])
-    hook = original.model.layers[0].mlp.register_forward_hook(lambda m, a, o: masked_mixtral_moe(m, a[0], dropped0))
+    hook = original.model.layers[0].mlp.register_forward_hook(lambda m, a, o: pruned_mixtral_moe(m, a[0], dropped0))
     try:
         io_pruned0 = record_moe_io(original, batches)
     finally:
