@@ -209,11 +209,11 @@ class _LayerSearch:
     method = ""
 
     def __init__(self, adapter, block, r: int):
-        self.adapter, self.block = adapter, block
-        self.n = adapter.num_experts(block)
-        self.k = adapter.top_k(block)
+        self.moe, self.block = adapter.bind(block), block
+        self.n = self.moe.num_experts()
+        self.k = self.moe.top_k()
         self.r = r
-        self.groups = adapter.expert_groups(block)
+        self.groups = self.moe.expert_groups()
 
     def _prepare(self, x: torch.Tensor, target: torch.Tensor | None):
         """Flatten one batch. With a target (the original MoE output), subtract the never-pruned shared
@@ -223,10 +223,10 @@ class _LayerSearch:
         x = x.reshape(-1, hidden)
         if target is not None:
             target = target.reshape(-1, hidden).to(device=x.device, dtype=torch.float64)
-            shared = self.adapter.shared_output(self.block, x)
+            shared = self.moe.shared_output(x)
             if shared is not None:  # shared experts are never pruned: score the routed part only
                 target = target - shared.to(torch.float64)
-        return x, target, self.adapter.router_logits(self.block, x)  # logits: (T, E)
+        return x, target, self.moe.router_logits(x)  # logits: (T, E)
 
     def _with_original(self, target, logits, needed):
         """Without a target: the original routing (weights, indices), each (T, k), becomes the target for
@@ -235,7 +235,7 @@ class _LayerSearch:
         routing with few kept experts per group no candidate may keep a token's whole top-k."""
         if target is not None:
             return target, needed
-        weight, idx = self.adapter.route(self.block, logits)  # (T, k): the unpruned block's routing
+        weight, idx = self.moe.route(logits)  # (T, k): the unpruned block's routing
         return (weight, idx), needed.scatter(1, idx, True)
 
     def _token_chunks(self, n_tok: int, hidden: int, slots: int):
@@ -254,7 +254,7 @@ class _LayerSearch:
         target: (T, H) float64, or the original routing (see `_with_original`)."""
         slot = slots_from_mask(needed)
         token_idx, expert_idx = needed.nonzero(as_tuple=True)
-        y = self.adapter.expert_outputs(self.block, x[token_idx], expert_idx)
+        y = self.moe.expert_outputs(x[token_idx], expert_idx)
         return token_stats(y, token_idx, slot[token_idx, expert_idx], x.shape[0], int(needed.sum(1).max()),
                            target, slot)
 
@@ -262,7 +262,7 @@ class _LayerSearch:
         """(C,) squared errors of candidates `kept` (C, r') summed over the chunk's tokens."""
         out = torch.empty(kept.shape[0], dtype=torch.float64, device=logits.device)
         for sl in self._candidate_chunks(logits.shape[0], kept.shape[0]):
-            w, idx = self.adapter.route(self.block, logits, kept[sl])
+            w, idx = self.moe.route(logits, kept[sl])
             out[sl] = sq_errors(stats, w, idx)
         return out
 
@@ -303,7 +303,7 @@ class ExhaustiveScorer(_LayerSearch):
         # Which (token, expert) pairs does any candidate route to? Exactly those get computed.
         needed = torch.zeros(x.shape[0], self.n, dtype=torch.bool, device=x.device)
         for sl in self._candidate_chunks(x.shape[0], kept.shape[0]):
-            _, idx = self.adapter.route(self.block, logits, kept[sl])  # (C, T, k)
+            _, idx = self.moe.route(logits, kept[sl])  # (C, T, k)
             needed.scatter_(1, idx.permute(1, 0, 2).reshape(x.shape[0], -1), True)
         target, needed = self._with_original(target, logits, needed)
         return self._sq_errors(self._stats(x, target, needed), logits, kept)
@@ -341,7 +341,7 @@ class BeamSearch(_LayerSearch):
     def add_batch(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """As ExhaustiveScorer.add_batch."""
         x, target, logits = self._prepare(x, target)
-        needed = rank_bound_mask(self.adapter.choice_scores(self.block, logits), self.n - self.r, self.k,
+        needed = rank_bound_mask(self.moe.choice_scores(logits), self.n - self.r, self.k,
                                  self.groups)  # (T, E)
         target, needed = self._with_original(target, logits, needed)
         chunks = []

@@ -53,15 +53,15 @@ def dynamic_skipping(model, calib_loader, args):
             if recorded is not None:
                 layers_info[str(idx)] = recorded
             continue
-        adapter, block = blocks[idx]
+        moe = blocks[idx][0].bind(blocks[idx][1])
         ratios = []
         new_states = []
         for b in states:
-            with capture_io(adapter.router(block)) as io:
+            with capture_io(moe.router()) as io:
                 new_states.append(runner.forward(layer, b))
             logits = io["outputs"][0]
-            weights, indices = adapter.route(block, logits)  # the router's own rule on its logits
-            ratios.append(weight_ratios(weights, adapter.chosen_scores(block, logits, indices)).cpu().numpy())
+            weights, indices = moe.route(logits)  # the router's own rule on its logits
+            ratios.append(weight_ratios(weights, moe.chosen_scores(logits, indices)).cpu().numpy())
         states = new_states
         r = np.concatenate(ratios).astype(np.float64)  # (tokens, k - 1)
         median = np.median(r, axis=0)

@@ -67,6 +67,10 @@ class MoEAdapter:
         cls = self.block_type()
         return cls is not None and type(module) is cls
 
+    def bind(self, block: nn.Module) -> "BoundMoE":
+        """This adapter for one block: the same methods without the block argument."""
+        return BoundMoE(self, block)
+
     # ---- structure -------------------------------------------------------------------
     def router(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.router_attr)
@@ -227,6 +231,25 @@ class MoEAdapter:
         for key in self.count_config_keys:
             if hasattr(config, key):
                 setattr(config, key, r)
+
+
+@dataclass(frozen=True)
+class BoundMoE:
+    """An adapter bound to one MoE block: `moe.route(logits, kept)` is `adapter.route(block, logits, kept)`,
+    for every method of `PER_BLOCK`."""
+
+    adapter: MoEAdapter
+    block: nn.Module
+
+    PER_BLOCK = ("router", "experts", "num_experts", "top_k", "expert_groups", "min_group_size", "choice_scores",
+                 "chosen_scores", "valid_r", "check_r", "router_logits", "route", "renormalizes", "routed_scaling",
+                 "expert_outputs", "shared_output", "prune")
+
+    def __getattr__(self, name: str):
+        if name not in BoundMoE.PER_BLOCK:
+            raise AttributeError(f"{type(self).__name__} has no {name!r} (per-block methods: {BoundMoE.PER_BLOCK})")
+        method = getattr(self.adapter, name)
+        return lambda *args, **kwargs: method(self.block, *args, **kwargs)
 
 
 def _slice_first_dim(module: nn.Module, name: str, index: torch.Tensor, n: int) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from .adapters import MoEAdapter, UnsupportedRoutingError, find_moe_blocks
+from .adapters import BoundMoE, UnsupportedRoutingError, find_moe_blocks
 
 SKIP_PREFIX = "skip+"
 
@@ -266,7 +266,8 @@ class DynamicSkipping:
         self._base = base
         try:
             for idx, (adapter, block) in self.blocks.items():
-                self._handles.append(adapter.router(block).register_forward_hook(self._router_hook(idx, adapter, block)))
+                moe = adapter.bind(block)
+                self._handles.append(moe.router().register_forward_hook(self._router_hook(idx, moe)))
         except Exception:
             self.disable()
             raise
@@ -288,8 +289,8 @@ class DynamicSkipping:
         self.disable()
 
     # ---- the rule ------------------------------------------------------------------------
-    def _router_hook(self, idx: int, adapter: MoEAdapter, block: nn.Module):
-        n_experts = adapter.num_experts(block)
+    def _router_hook(self, idx: int, moe: BoundMoE):
+        n_experts = moe.num_experts()
 
         def hook(_router, _args, output):
             logits, weights, indices = output
@@ -297,15 +298,15 @@ class DynamicSkipping:
             if key not in self._device_betas:
                 self._device_betas[key] = self.betas[idx].to(weights.device)
             counts = self._counts(idx, weights.device)  # (2,) int64: routed tokens, skipped slots
-            scores = adapter.chosen_scores(block, logits, indices)
+            scores = moe.chosen_scores(logits, indices)
             if _use_skip_kernel(weights.device):
                 # One launch instead of ~15 small ops per layer and step (they dominate a graph-captured decode step).
                 new_weights, new_indices = skip_kernel(weights, scores, indices, self._device_betas[key], n_experts,
-                                                       adapter.renormalizes(block), adapter.routed_scaling(block),
+                                                       moe.renormalizes(), moe.routed_scaling(),
                                                        counts)
                 return logits, new_weights, new_indices
             skip = skip_rule(weights, scores, self._device_betas[key])
-            new_weights = weights_after_skip(weights, skip, adapter.renormalizes(block), adapter.routed_scaling(block))
+            new_weights = weights_after_skip(weights, skip, moe.renormalizes(), moe.routed_scaling())
             new_indices = indices.masked_fill(skip, n_experts)
             counts[0] += skip.shape[0]  # in place: stays correct when the step is replayed from a CUDA graph
             counts[1] += skip.sum()

@@ -113,6 +113,11 @@ def test_dynamic_skipping_betas_are_router_medians(tiny_mixtral, c4_path, tmp_pa
         assert r.size == 8 * 48
         assert config["betas"][str(i)] == pytest.approx(float(np.median(r)), rel=1e-6)
         assert info["layers"][str(i)]["beta_mean"] == pytest.approx(float(np.mean(r)), rel=1e-6)
+        # Calibration skip rate: the tokens with w2/w1 < beta. The run's layer-by-layer forwards and this full
+        # forward may round a ratio next to the median the other way: at most two of the 384 switch sides.
+        rate = float(np.mean(r < np.median(r)))
+        assert info["layers"][str(i)]["calib_skip_rate"] == pytest.approx(rate, abs=2 / r.size)
+        assert 0.4 < rate <= 0.5  # below the median: half the tokens, fewer with ties
         assert 0 < config["betas"][str(i)] <= 1
     # Weights are untouched.
     reloaded = AutoModelForCausalLM.from_pretrained(result, dtype=torch.float32)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,7 +14,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data.self_calib
 import main
-from data import build_calib_loader
 from model.card import FOLDER, read_expert_map
 
 from conftest import save_model, tiny_mixtral_config
@@ -98,34 +96,17 @@ def test_pruning_run_card_summary_and_logs(tiny_mixtral, c4_path, tmp_path, caps
     assert scope["tokenizer"]("a test").input_ids[0] == scope["tokenizer"].bos_token_id
 
 
-def test_skipping_run_card_and_summary(tiny_mixtral, c4_path, tmp_path, tokenizer_dir, capsys):
+def test_skipping_run_card_and_summary(tiny_mixtral, c4_path, tmp_path, capsys):
+    """The betas and skip rates themselves are checked against the router in
+    test_cli.py::test_dynamic_skipping_betas_are_router_medians; here, that the summary and the card show them."""
     result, info = _run("dynamic_skipping", tiny_mixtral, c4_path, tmp_path / "out")
     out = capsys.readouterr().out
-
-    # Reference: w2 / w1 of every calibration token from the router of a full forward of the original model.
-    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral, dtype=torch.float32).eval()
-    loader = build_calib_loader("c4", AutoTokenizer.from_pretrained(tokenizer_dir), 48, 8, 4, 0, seed=42,
-                                path=str(c4_path))
-    ratios = {i: [] for i in range(2)}
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: ratios[i].append((o[1][:, 1] / o[1][:, 0])))
-             for i, layer in enumerate(model.model.layers)]
-    with torch.no_grad():
-        for batch in loader:
-            model(input_ids=batch["input_ids"])
-    for h in hooks:
-        h.remove()
 
     rows = _table_rows(out, "layer")
     assert [r[0] for r in rows] == ["0", "1"]
     for layer, beta, rate in rows:
-        r = torch.cat(ratios[int(layer)]).double().numpy()
-        expected_rate = float(np.mean(r < np.median(r)))
-        # The run's layer-by-layer forwards and this full forward can round a ratio next to the median the
-        # other way (float32 kernels on other shapes): at most a token or two of the 384 may switch sides.
-        assert info["layers"][layer]["calib_skip_rate"] == pytest.approx(expected_rate, abs=2 / r.size)
         assert float(rate) == pytest.approx(info["layers"][layer]["calib_skip_rate"], abs=5e-4)  # 3 decimals
         assert float(beta) == pytest.approx(info["layers"][layer]["beta_median"], abs=5e-5)  # 4 decimals
-        assert 0.4 < expected_rate <= 0.5  # below the median: half the tokens, fewer with ties
 
     card = (result / "README.md").read_text()
     assert _front_matter(card)["tags"] == ["moe", "dynamic-skipping"]
