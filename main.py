@@ -32,7 +32,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
+from transformers.utils.hub import convert_file_size_to_int  # noqa: E402
 
 from data import DATASETS, DataFileError, block_size_for, calib_blocks, make_loader  # noqa: E402
 from method import METHODS  # noqa: E402
@@ -49,6 +50,7 @@ from model.adapters import MoEError, find_moe_blocks  # noqa: E402
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.loading import DTYPES  # noqa: E402
 from model.runner import LayerJournal  # noqa: E402
+from model.streaming import LayerStream, NotStreamable  # noqa: E402
 
 logger = logging.getLogger("main")
 
@@ -83,6 +85,8 @@ class RunConfig:
     exhaustive_limit: int = 20000
     beam_width: int = 4
     swap_rounds: int = 4
+    load: str = "auto"
+    max_shard_size: str = "5GB"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration file to read instead of the calibration set's default path")
     p.add_argument("--device", default=None,
                    help="compute device, e.g. cuda, cuda:1, cpu (default: the GPU when there is one). Layers are "
-                        "moved there one at a time; the model itself stays in host memory")
+                        "moved there one at a time; the model itself stays in host memory (streamed: in the "
+                        "checkpoint)")
     p.add_argument("--dtype", default="bfloat16", choices=[k for k in DTYPES if k != "auto"],
                    help="dtype to load the model in (default: bfloat16, as the paper)")
     p.add_argument("--search", default="auto", choices=["auto", "exhaustive", "beam"],
@@ -122,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest number of candidate drop sets searched exhaustively with --search auto")
     p.add_argument("--beam_width", type=int, default=4, help="beam width of --search beam")
     p.add_argument("--swap_rounds", type=int, default=4, help="at most this many swap-refinement rounds of beam")
+    p.add_argument("--load", default="auto", choices=["auto", "stream", "in_memory"],
+                   help="stream: read each decoder layer from the safetensors shards when its turn comes and write "
+                        "it out when done, so host memory holds a few layers whatever the model size; in_memory: "
+                        "load the whole model first; auto (default): stream when the checkpoint and the method "
+                        "allow it, else in memory, saying why (docs/streaming.md)")
+    p.add_argument("--max_shard_size", default="5GB",
+                   help="largest weight file of the result, e.g. 5GB or 500MB (default: 5GB); a streamed run holds "
+                        "at most one such shard of finished layers in host memory")
     return p
 
 
@@ -177,6 +190,11 @@ def check_args(cfg: RunConfig) -> None:
         raise UsageError(f"--num_workers must be >= 0, got {cfg.num_workers}")
     if not 0 <= cfg.seed < 2**32:  # numpy's and torch's seed range (transformers.set_seed seeds both)
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
+    try:
+        if convert_file_size_to_int(cfg.max_shard_size) < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--max_shard_size must be a size such as 5GB or 500MB, got {cfg.max_shard_size!r}") from None
     if cfg.use_flash_attention_2 and importlib.util.find_spec("flash_attn") is None:
         raise UsageError("--use_flash_attention_2 needs the flash_attn package, which is not installed: "
                          "pip install flash-attn, or leave the flag out")
@@ -342,7 +360,9 @@ def run_settings(cfg: RunConfig, model_dir: Path | None, calib_file: Path | None
         return {"path": str(path.resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
                                                       for p in listed]}
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output_path", "num_workers")}
+    # How the model is loaded and the result sharded does not change the result's tensors: not part of the key.
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("output_path", "num_workers", "load", "max_shard_size")}
     settings["model_path"] = files(model_dir) if model_dir is not None else cfg.model_path
     settings["calib_path"] = files(calib_file) if calib_file is not None else None
     settings["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -516,13 +536,39 @@ def report_stale(output: Path, own: Path) -> None:
 # The run.
 
 
+def model_kwargs(cfg: RunConfig) -> dict:
+    return {"attn_implementation": "flash_attention_2"} if cfg.use_flash_attention_2 else {}
+
+
 def load_model(cfg: RunConfig):
-    kwargs = {"dtype": DTYPES[cfg.dtype]}
-    if cfg.use_flash_attention_2:
-        kwargs["attn_implementation"] = "flash_attention_2"
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=DTYPES[cfg.dtype], **model_kwargs(cfg))
     model.eval()
     return model
+
+
+# Methods that change a decoder layer only while LayerRunner.iter_layers holds it, and walk the layers once: a
+# streamed layer is written out when the walk leaves it. random/frequency/reap_pruning prune every layer after
+# their walk (random_pruning has none), so they load the model into host memory.
+STREAMED_METHODS = ("layerwise_pruning", "progressive_pruning", "dynamic_skipping")
+
+
+def plan_stream(cfg: RunConfig, folder: Path | None, config) -> tuple[LayerStream | None, str | None]:
+    """The plan of a streamed model (model/streaming.py), or None and why the run loads it into host memory."""
+    if cfg.load == "in_memory":
+        return None, "--load in_memory"
+    try:
+        if folder is None:
+            raise NotStreamable(f"{cfg.model_path} is a hub id; streaming reads the shards of a local folder")
+        if cfg.method not in STREAMED_METHODS:
+            raise NotStreamable(f"{cfg.method} prunes the layers after its layer walk")
+        if DATASETS[cfg.calib_set].needs_model:
+            raise NotStreamable(f"--calib_set {cfg.calib_set} samples the calibration text from the whole model")
+        return LayerStream.plan(cfg.model_path, config, DTYPES[cfg.dtype], **model_kwargs(cfg)), None
+    except NotStreamable as e:
+        if cfg.load == "stream":
+            raise UsageError(f"--load stream cannot stream {cfg.model_path}: {e}; use --load in_memory") from None
+        logger.warning("loading the whole model into host memory: %s", e)
+        return None, str(e)
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -546,6 +592,7 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
     logger.info("config: %s", json.dumps(asdict(cfg)))
     model_dir = model_folder(cfg.model_path)
     config = check_model(cfg, model_dir)
+    stream, in_memory_why = plan_stream(cfg, model_dir, config)
     tokenizer = load_tokenizer(cfg.model_path, model_dir)
     block_size_for(tokenizer, cfg.max_block_size)  # refuses blocks without context before anything is loaded
     calib_file = DATASETS[cfg.calib_set].resolve(cfg.calib_path)
@@ -570,16 +617,20 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
                 logger.info("continuing %s: layers %s were finished by an earlier run of this command",
                             staging.path, ", ".join(map(str, resumed)))
             if model is None:
-                model = load_model(cfg)
+                model = (stream.open(staging.result, convert_file_size_to_int(cfg.max_shard_size)).model
+                         if stream is not None else load_model(cfg))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
 
-            model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg,
-                                              journal=staging.journal)
+            with stream if stream is not None else nullcontext():  # the layer walk reads and writes the layers
+                model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg,
+                                                  journal=staging.journal)
 
             record = {
                 "args": asdict(cfg),
                 "calibration": {"n_blocks": blocks.shape[0], "block_size": blocks.shape[1]},
+                "loading": ({"mode": "stream"} if stream is not None else
+                            {"mode": "in_memory", "reason": in_memory_why}),
                 **info,
                 "wall_time_s": time.time() - start,
                 **peak_memory(device),
@@ -587,16 +638,18 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
             }
             if resumed:
                 record["resumed_layers"] = resumed  # results of the killed run (the wall time is this run's)
-            save(model, tokenizer, record, staging.result)
+            save(model, tokenizer, record, staging.result, stream.save_weights if stream is not None else
+                 lambda m, out: m.save_pretrained(out, max_shard_size=cfg.max_shard_size))
             return staging.publish(save_path)
     finally:
         _remove_empty(created)  # the output folders this run made, if it leaves nothing in them
 
 
-def save(model, tokenizer, record: dict, save_path: Path) -> None:
+def save(model, tokenizer, record: dict, save_path: Path, write_weights) -> None:
     """Write the checkpoint, its tokenizer and pruning_info.json into save_path (the staging folder's result/).
-    config.json and the tokenizer files come from the input folder (model/checkpoint.py says why)."""
-    save_checkpoint(model, tokenizer, record["args"]["model_path"], save_path)
+    config.json and the tokenizer files come from the input folder (model/checkpoint.py says why);
+    write_weights(model, save_path) writes the weights (save_checkpoint's writer)."""
+    save_checkpoint(model, tokenizer, record["args"]["model_path"], save_path, write_weights)
     (save_path / "pruning_info.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
