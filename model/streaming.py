@@ -18,7 +18,8 @@ supported families store per-expert tensors that must be fused on load; only GPT
 names (docs/streaming.md). Every conversion transformers has for these families acts within one decoder layer.
 
 Output: shards of at most `max_shard_bytes` made of whole layers (a layer larger than that is a shard of its
-own), written as they fill, so host memory holds at most one shard of finished layers. A result that fits in
+own), each written as soon as the next layer might not fit in it, so host memory holds at most one shard of
+finished layers. A result that fits in
 one shard is `model.safetensors`, written by the same `safetensors` call on the same tensors as
 `save_pretrained`: the same bytes. Larger results are `model-0000k-of-0000n.safetensors` plus
 `model.safetensors.index.json`, as `save_pretrained` names them (its shard boundaries fall between tensors,
@@ -249,7 +250,7 @@ class LayerStream:
                         "ignores them too), e.g. %s", len(info.unexpected_keys), sorted(info.unexpected_keys)[0])
 
         stream = cls(model, files, {}, weight_mapping, dtype, set(info.missing_keys))
-        stream.units = stream._units(shapes, info.unexpected_keys)
+        stream.units = stream._units(shapes)
         return stream
 
     @staticmethod
@@ -257,7 +258,7 @@ class LayerStream:
         return LoadStateDictConfig(device_map={"": device}, dtype=dtype, dtype_plan=model._get_dtype_plan(dtype),
                                    weight_mapping=weight_mapping)
 
-    def _units(self, shapes: dict[str, torch.Tensor], unexpected: set[str]) -> dict[int, list[str]]:
+    def _units(self, shapes: dict[str, torch.Tensor]) -> dict[int, list[str]]:
         """{unit: checkpoint keys}: the unit of a key is that of the module weight it loads into, found by the
         renaming `convert_and_load_state_dict_in_model` applies (a converter's key: its first target)."""
         renamings = [t for t in self.weight_mapping if isinstance(t, WeightRenaming)]
