@@ -33,7 +33,7 @@ import signal
 import sys
 import time
 import typing
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +44,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
+from transformers.utils.hub import convert_file_size_to_int  # noqa: E402
 
 from cli import UsageError, fail, one_line, peak_memory, reset_peak_memory, resolve_device  # noqa: E402
 from data import DATASETS, DataFileError, block_size_for, calib_blocks, make_loader  # noqa: E402
@@ -54,6 +55,7 @@ from model.card import (INFO_FILE, add_original_numbering, input_license, model_
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.loading import DTYPES  # noqa: E402
 from model.runner import LayerJournal, journaling  # noqa: E402
+from model.streaming import LayerStream, NotStreamable  # noqa: E402
 
 logger = logging.getLogger("main")
 
@@ -104,6 +106,14 @@ class RunConfig:
                                             "--search auto")
     beam_width: int = _setting(4, "beam width of --search beam")
     swap_rounds: int = _setting(4, "at most this many swap-refinement rounds of beam")
+    load: str = _setting(
+        "auto", choices=["auto", "stream", "in_memory"],
+        help="stream: read each decoder layer from the safetensors shards when its turn comes and write it out "
+             "when done, so host memory holds a few layers whatever the model size; in_memory: load the whole "
+             "model first; auto: stream when the checkpoint and the method allow it, else in memory, saying why "
+             "(docs/streaming.md)")
+    max_shard_size: str = _setting("5GB", "largest weight file of the result, e.g. 5GB or 500MB; a streamed run "
+                                          "holds at most one such shard of finished layers in host memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +183,11 @@ def check_args(cfg: RunConfig) -> None:
         raise UsageError(f"--num_workers must be >= 0, got {cfg.num_workers}")
     if not 0 <= cfg.seed < 2**32:  # numpy's and torch's seed range (transformers.set_seed seeds both)
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
+    try:
+        if convert_file_size_to_int(cfg.max_shard_size) < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--max_shard_size must be a size such as 5GB or 500MB, got {cfg.max_shard_size!r}") from None
     if cfg.use_flash_attention_2 and importlib.util.find_spec("flash_attn") is None:
         raise UsageError("--use_flash_attention_2 needs the flash_attn package, which is not installed: "
                          "pip install flash-attn, or leave the flag out")
@@ -319,7 +334,9 @@ def run_settings(cfg: RunConfig, model_dir: Path | None, calib_file: Path | None
         return {"path": str(path.resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
                                                       for p in listed]}
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output_path", "num_workers")}
+    # How the model is loaded and the result sharded does not change the result's tensors: not part of the key.
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("output_path", "num_workers", "load", "max_shard_size")}
     settings["model_path"] = files(model_dir) if model_dir is not None else cfg.model_path
     settings["calib_path"] = files(calib_file) if calib_file is not None else None
     settings["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -493,13 +510,39 @@ def report_stale(output: Path, own: Path) -> None:
 # The run.
 
 
+def model_kwargs(cfg: RunConfig) -> dict:
+    return {"attn_implementation": "flash_attention_2"} if cfg.use_flash_attention_2 else {}
+
+
 def load_model(cfg: RunConfig):
-    kwargs = {"dtype": DTYPES[cfg.dtype]}
-    if cfg.use_flash_attention_2:
-        kwargs["attn_implementation"] = "flash_attention_2"
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=DTYPES[cfg.dtype], **model_kwargs(cfg))
     model.eval()
     return model
+
+
+# Methods that change a decoder layer only while LayerRunner.iter_layers holds it, and walk the layers once: a
+# streamed layer is written out when the walk leaves it. random/frequency/reap_pruning prune every layer after
+# their walk (random_pruning has none), so they load the model into host memory.
+STREAMED_METHODS = ("layerwise_pruning", "progressive_pruning", "dynamic_skipping")
+
+
+def plan_stream(cfg: RunConfig, folder: Path | None, config) -> tuple[LayerStream | None, str | None]:
+    """The plan of a streamed model (model/streaming.py), or None and why the run loads it into host memory."""
+    if cfg.load == "in_memory":
+        return None, "--load in_memory"
+    try:
+        if folder is None:
+            raise NotStreamable(f"{cfg.model_path} is a hub id; streaming reads the shards of a local folder")
+        if cfg.method not in STREAMED_METHODS:
+            raise NotStreamable(f"{cfg.method} prunes the layers after its layer walk")
+        if DATASETS[cfg.calib_set].needs_model:
+            raise NotStreamable(f"--calib_set {cfg.calib_set} samples the calibration text from the whole model")
+        return LayerStream.plan(cfg.model_path, config, DTYPES[cfg.dtype], **model_kwargs(cfg)), None
+    except NotStreamable as e:
+        if cfg.load == "stream":
+            raise UsageError(f"--load stream cannot stream {cfg.model_path}: {e}; use --load in_memory") from None
+        logger.warning("loading the whole model into host memory: %s", e)
+        return None, str(e)
 
 
 def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
@@ -517,6 +560,7 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
     model_dir = model_folder(cfg.model_path)
     config = check_model(cfg, model_dir)
     input_map = read_expert_map(model_dir)  # the input's experts in the original model's numbering, if pruned
+    stream, in_memory_why = plan_stream(cfg, model_dir, config)
     tokenizer = load_tokenizer(cfg.model_path, model_dir)
     block_size_for(tokenizer, cfg.max_block_size)  # refuses blocks without context before anything is loaded
     calib_file = DATASETS[cfg.calib_set].resolve(cfg.calib_path)
@@ -541,16 +585,21 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
                 logger.info("continuing %s: layers %s were finished by an earlier run of this command",
                             staging.path, ", ".join(map(str, resumed)))
             if model is None:
-                model = load_model(cfg)
+                model = (stream.open(staging.result, convert_file_size_to_int(cfg.max_shard_size)).model
+                         if stream is not None else load_model(cfg))
             reset_peak_memory(device)
 
-            with journaling(staging.journal):  # finished layers are recorded there, and replayed on a rerun
+            # finished layers are recorded in the journal and replayed on a rerun; a streamed layer walk reads and
+            # writes the layers
+            with journaling(staging.journal), (stream if stream is not None else nullcontext()):
                 model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg)
 
             record = {
                 "args": asdict(cfg),
                 "command": command_line(cfg),
                 "calibration": {"n_blocks": blocks.shape[0], "block_size": blocks.shape[1]},
+                "loading": ({"mode": "stream"} if stream is not None else
+                            {"mode": "in_memory", "reason": in_memory_why}),
                 **info,
                 "wall_time_s": time.time() - start,
                 **peak_memory(device),
@@ -560,18 +609,19 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
                 record["resumed_layers"] = resumed  # results of the killed run (the wall time is this run's)
             add_original_numbering(record, input_map, {str(i): adapter.num_experts(block)
                                                        for i, (adapter, block) in find_moe_blocks(model).items()})
-            save(model, tokenizer, record, staging.result)
+            save(model, tokenizer, record, staging.result, stream.save_weights if stream is not None else
+                 lambda m, out: m.save_pretrained(out, max_shard_size=cfg.max_shard_size))
             return staging.publish(save_path)
     finally:
         _remove_empty(created)  # the output folders this run made, if it leaves nothing in them
 
 
-def save(model, tokenizer, record: dict, save_path: Path) -> None:
+def save(model, tokenizer, record: dict, save_path: Path, write_weights) -> None:
     """Write the checkpoint, its tokenizer, pruning_info.json and the model card README.md into save_path (the
     staging folder's result/). config.json and the tokenizer files come from the input folder (model/checkpoint.py
-    says why)."""
+    says why); write_weights(model, save_path) writes the weights (save_checkpoint's writer)."""
     source = record["args"]["model_path"]
-    save_checkpoint(model, tokenizer, source, save_path)
+    save_checkpoint(model, tokenizer, source, save_path, write_weights)
     (save_path / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (save_path / "README.md").write_text(model_card(record, input_license(Path(source))))
 

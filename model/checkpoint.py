@@ -101,10 +101,19 @@ def routed_experts(model) -> int:
     return counts.pop()
 
 
-def save_checkpoint(model, tokenizer, source: str | Path, out_dir: str | Path) -> None:
-    """Write `model` and `tokenizer`, loaded from `source` (a checkpoint folder or a hub id), to `out_dir`."""
+def save_pretrained(model, out_dir: Path) -> None:
+    model.save_pretrained(out_dir)
+
+
+def save_checkpoint(model, tokenizer, source: str | Path, out_dir: str | Path, write_weights=save_pretrained) -> None:
+    """Write `model` and `tokenizer`, loaded from `source` (a checkpoint folder or a hub id), to `out_dir`.
+
+    write_weights(model, out_dir) writes the weights, transformers 5.x's config.json and the generation
+    config, as `save_pretrained` does (the default); a streamed model's writer adds its last shard and
+    the index to the layers it wrote during the run (model/streaming.py).
+    """
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)  # weights (and a 5.x config.json, replaced below)
+    write_weights(model, out_dir)  # weights (and a 5.x config.json, replaced below)
     src = Path(source)
     if not (src / "config.json").is_file():
         logger.warning("%s is not a local checkpoint folder: config.json and the tokenizer are written by "

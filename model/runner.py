@@ -17,6 +17,11 @@ rebuild the hidden states entering the next layer. States are not stored: one fo
 finished layer is far cheaper than writing every layer's states (2-4 GiB for Mixtral-8x7B
 at the paper's 128 x 2048 tokens) to disk, and re-running the same kernels on the same inputs
 gives the same states, so the resumed run ends exactly as an uninterrupted one would.
+
+Streaming: when the model belongs to an open `model.streaming.LayerStream` (its decoder layers still on
+the meta device), `iter_layers` reads each layer from the checkpoint as the walk reaches it, and writes it
+out and frees it once the walk moves on (the method asked for the next layer, so this one is finished).
+A method therefore changes a layer only while it holds it, and walks the layers once.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import decoder_layers
+from .streaming import stream_of
 
 
 @dataclass
@@ -145,6 +151,7 @@ class LayerRunner:
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self.progress = progress
         self.journal = journal if journal is not None else _JOURNAL.get()
+        self.stream = stream_of(model)  # None: every weight is in memory
 
     def recorded(self, idx: int) -> dict | None:
         """Layer idx's result as recorded by an earlier, killed run of the same command; None to compute it."""
@@ -191,16 +198,21 @@ class LayerRunner:
         return batches
 
     def iter_layers(self, desc: str) -> Iterator[tuple[int, nn.Module]]:
-        """Yield (index, layer) with the layer on the compute device; it goes back afterwards."""
+        """Yield (index, layer) with the layer on the compute device; it goes back afterwards (streamed: it is
+        read from the checkpoint first, and written out and freed afterwards)."""
         kill_after = os.environ.get(KILL_AFTER_LAYER_ENV)
         for idx in tqdm(range(len(self.layers)), desc=desc, disable=not self.progress):
             layer = self.layers[idx]
+            if self.stream is not None:
+                self.stream.load(idx)
             layer.to(self.device)
             try:
                 yield idx, layer
             finally:
                 layer.to(self.offload)
             # Progress step: the caller asked for the next layer, so this one is finished.
+            if self.stream is not None:
+                self.stream.store(idx)
             if kill_after is not None and idx == int(kill_after):
                 os.kill(os.getpid(), signal.SIGKILL)
 
