@@ -222,7 +222,6 @@ class Comparison:
         finally:
             model.to("cpu")
 
-
     def evaluate_pruned(self, model, info: dict) -> dict:
         """Scores of a model pruned from the base: models keeping the same experts are the same model
         (pruning slices the original tensors), so each kept set is scored once."""
