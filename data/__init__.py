@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .bpe import save_tokenizer, train_bpe_tokenizer
 from .calib import DataFileError, FileCalibSet, block_size_for, make_loader, read_texts, sample_blocks
 from .self_calib import SelfCalibSet
 
@@ -43,4 +44,4 @@ def build_calib_loader(dataset: str, tokenizer, max_block_size: int, n_blocks_fo
 
 
 __all__ = ["DATASETS", "DataFileError", "block_size_for", "build_calib_loader", "calib_blocks", "read_texts",
-           "sample_blocks", "make_loader"]
+           "sample_blocks", "make_loader", "save_tokenizer", "train_bpe_tokenizer"]

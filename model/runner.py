@@ -223,7 +223,3 @@ class LayerRunner:
         out = layer(batch.hidden.to(self.device), **_to(kwargs, self.device, {}))
         out = out[0] if isinstance(out, tuple) else out
         return LayerBatch(out.to(self.offload), batch.layer_kwargs)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

@@ -41,23 +41,10 @@ def c4_path() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, c4_path) -> Path:
     """A 512-token byte-level BPE tokenizer trained on the C4 sample (adds <s> like Mixtral's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from data import read_texts, save_tokenizer, train_bpe_tokenizer
 
-    from data import read_texts
-
-    texts = read_texts(c4_path)[:300]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>", model_max_length=4096)
     out = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(out)
+    save_tokenizer(train_bpe_tokenizer(read_texts(c4_path)[:300], vocab_size=512, model_max_length=4096), out)
     return out
 
 
