@@ -232,7 +232,7 @@ def test_pickled_checkpoint_falls_back_to_memory_and_stream_refuses_it(tmp_path,
     assert main.main(_args("layerwise_pruning", model, c4_path, tmp_path / "refused", "float32", "--load",
                            "stream")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.fullmatch(r"error: --load stream cannot stream .*tiny-bin: the weights are not "
+    assert len(err) == 1 and re.fullmatch(r"main.py: error: --load stream cannot stream .*tiny-bin: the weights are not "
                                           r"safetensors \(pytorch_model.bin\).*; use --load in_memory", err[0])
     assert not (tmp_path / "refused").exists()
 
