@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data.self_calib
 import main
-from model.card import FOLDER, read_expert_map
+from model.card import FOLDER, add_original_numbering, read_expert_map
 
 from conftest import save_model, tiny_mixtral_config
 
@@ -168,6 +168,25 @@ def test_expert_map_of_an_older_run_and_of_a_broken_file(tmp_path, caplog):
     (old / "pruning_info.json").write_text('{"expert_map": {"0": [1, 1]}}')
     assert read_expert_map(old) is None
     assert "ignoring" in caplog.text and "repeated or negative" in caplog.text
+
+
+def test_original_numbering_by_hand(caplog):
+    def record():
+        return {"layers": {"3": {"kept_experts": [0, 2], "dropped_experts": [1]}}}
+
+    composed = record()
+    add_original_numbering(composed, {"3": [4, 6, 7]}, {"3": 2})  # the input held original experts 4, 6, 7
+    assert composed["layers"]["3"]["kept_experts_original"] == [4, 7]
+    assert composed["layers"]["3"]["dropped_experts_original"] == [6]
+    assert composed["expert_map"] == {"3": [4, 7]}
+
+    stale = record()  # a map of 4 experts for an input of 3: not this checkpoint's, so not used
+    add_original_numbering(stale, {"3": [4, 5, 6, 7]}, {"3": 2})
+    assert stale["expert_map"] == {"3": [0, 2]} and "does not match its MoE layers" in caplog.text
+
+    skipping = {"layers": {"3": {"beta_median": 0.3}}}  # keeps its 3 experts: carries the map on
+    add_original_numbering(skipping, {"3": [4, 6, 7]}, {"3": 3})
+    assert skipping["expert_map"] == {"3": [4, 6, 7]}
 
 
 def test_self_calibration_bar_counts_sequences(tiny_mixtral, monkeypatch):
