@@ -45,6 +45,7 @@ from cli import UsageError, check_output_file, fail, one_line, resolve_device  #
 from model import DynamicSkipping, load_model  # noqa: E402
 from model.loading import DTYPES, CheckpointError, check_checkpoint  # noqa: E402
 from model.static_decode import StaticDecoder  # noqa: E402
+from model.compile_parts import PARTS  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
 from model.dynamic_skipping import BetasError, check_betas  # noqa: E402
 
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hf: model.generate (the paper's setting); graph: greedy decoding with a static KV "
                           "cache, one CUDA graph per decode step (model/static_decode.py); static: the same loop "
                           "without the graph (default: hf)")
+    new.add_argument("--compile", default="",
+                     help="with --engine graph/static: comma-separated modules torch.compile'd for the decode step "
+                          "(model/compile_parts.py): norm, router, attention; "
+                          "default: none")
     new.add_argument("--batch_size", type=int, default=1,
                      help="prompts decoded together (left-padded); --num_samples is rounded down to a multiple")
     new.add_argument("--attn_implementation", default=None,
@@ -159,6 +164,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--engine {args.engine} decodes greedily: drop --do_sample / --num_beams or use --engine hf")
     if args.engine != "hf" and args.device == "auto":
         raise UsageError(f"--engine {args.engine} runs the model on one device: use --device cuda or cuda:N")
+    parts = [p for p in args.compile.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise UsageError(f"--compile {args.compile}: unknown part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
+    if parts and args.engine == "hf":
+        raise UsageError("--compile applies to the static decode step: add --engine graph (GPU) or --engine static")
     check_output_file(args.output, "--output")  # before the model loads, not after the measurements
 
 
@@ -477,7 +488,8 @@ def make_decoder(args: argparse.Namespace, model, prompts: list[torch.Tensor],
         return None
     max_len = max(len(p) for p in prompts) + config.max_new_tokens
     banned = (config.eos_token_id,) if config.eos_token_id is not None else ()  # min_new_tokens == max_new_tokens
-    return StaticDecoder(model, args.batch_size, max_len, graph=args.engine == "graph", banned_token_ids=banned)
+    return StaticDecoder(model, args.batch_size, max_len, graph=args.engine == "graph", banned_token_ids=banned,
+                         compile_parts=tuple(p for p in args.compile.split(",") if p))
 
 
 def run_samples(model, prompts: list[torch.Tensor], config: GenerationConfig, warmup: int, gpus: list[int],
@@ -603,7 +615,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         samples = run_samples(model, prompts, config, args.warmup, gpus, args.batch_size, decoder)
     return {
         "num_samples": sum(s["batch_size"] for s in samples), "num_batches": len(samples),
-        "batch_size": args.batch_size, "engine": args.engine, "num_dropped_too_long": dropped, **summarize(samples),
+        "batch_size": args.batch_size, "engine": args.engine, "compile": args.compile, "num_dropped_too_long": dropped, **summarize(samples),
         "samples": samples, "gpu_memory": gpu_memory(gpus), "load_seconds": load_seconds,
         "num_parameters": sum(p.numel() for p in model.parameters()), "skipping": skipping_report(model),
         "model": model_shape(model), "experts_implementation": model.config._experts_implementation,

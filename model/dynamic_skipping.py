@@ -322,9 +322,11 @@ class DynamicSkipping:
 
     # ---- statistics ------------------------------------------------------------------------
     def reset_stats(self) -> None:
-        # Zeroed in place: a captured CUDA graph keeps incrementing the same tensors.
-        for c in self._device_counts.values():
-            c.zero_()
+        # Zeroed in place: a captured CUDA graph keeps incrementing the same tensors. Counters first
+        # used under inference mode (StaticDecoder.generate) are inference tensors: zero them in it.
+        with torch.inference_mode():
+            for c in self._device_counts.values():
+                c.zero_()
 
     def stats(self) -> dict:
         """Skipped (token, expert) slots over routed tokens, per MoE layer and overall.

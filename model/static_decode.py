@@ -23,10 +23,13 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from .compile_parts import compiled_parts
+
 
 class StaticDecoder:
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, graph: bool = True,
-                 banned_token_ids: tuple[int, ...] = ()):
+                 banned_token_ids: tuple[int, ...] = (), compile_parts: tuple[str, ...] = (),
+                 compile_backend: str = "inductor"):
         self.model = model
         self.device = next(model.parameters()).device
         if graph and self.device.type != "cuda":
@@ -42,6 +45,9 @@ class StaticDecoder:
         self.banned = torch.tensor(list(banned_token_ids), dtype=torch.long, device=dev)
         self.out = torch.zeros(b, max_len, dtype=torch.long, device=dev)  # generated ids by cache slot
         self.graph: torch.cuda.CUDAGraph | None = None
+        # Modules torch.compile'd for the decode step only (model/compile_parts.py): the prefill runs
+        # eagerly (its shapes change with the prompt), the captured step replays inductor's kernels.
+        self.compile_parts, self.compile_backend = tuple(compile_parts), compile_backend
 
     # ---- one step ---------------------------------------------------------------------------
     def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
@@ -70,15 +76,16 @@ class StaticDecoder:
         state = [self.input_ids, self.position_ids, self.pos, self.mask, self.out]
         state += [layer.cumulative_length for layer in self.cache.layers if hasattr(layer, "cumulative_length")]
         saved = [t.clone() for t in state]
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        with compiled_parts(self.model, self.compile_parts, self.compile_backend):
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # the first one compiles
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for t, v in zip(state, saved):  # capturing does not run the step: this is the state it starts from
+                t.copy_(v)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 self._step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for t, v in zip(state, saved):  # capturing does not run the step: this is the state it starts from
-            t.copy_(v)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
 
     # ---- generation -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -106,9 +113,11 @@ class StaticDecoder:
         self.out[:, p] = first
         if self.use_graph and self.graph is None:
             self._capture()
-        for _ in range(max_new_tokens - 1):
-            if self.graph is not None:
+        if self.graph is not None:
+            for _ in range(max_new_tokens - 1):
                 self.graph.replay()
-            else:
-                self._step()
+        else:
+            with compiled_parts(self.model, self.compile_parts, self.compile_backend):
+                for _ in range(max_new_tokens - 1):
+                    self._step()
         return self.out[:, p:p + max_new_tokens].clone(), t_first

@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -104,22 +105,35 @@ def step_bytes(model, touched_per_layer: float) -> dict:
             "bytes": dense + touched_per_layer * per_expert * len(blocks)}
 
 
+COMPILE: tuple[str, ...] = ()  # set by --compile: the parts torch.compile'd in our graph rows
+SAVE: Callable[[], None] = lambda: None  # writes the JSON so far (a run cut short keeps its rows)
+
+
 def measure(rows: list, label: str, model, *, engine: str, impl: str, batch: int, n_batches: int,
-            new_tokens: int, seed: int = 0, skipping: DynamicSkipping | None = None) -> dict:
+            new_tokens: int, seed: int = 0, skipping: DynamicSkipping | None = None,
+            compile_parts: tuple[str, ...] | None = None) -> dict:
     model.set_experts_implementation(("skip+" if skipping is not None else "") + impl)
     vocab = model.config.get_text_config().vocab_size
     prompts = random_prompts(batch * (n_batches + 1), 64, vocab, seed)
     config = gen_config(model, new_tokens)
     decoder = None
+    parts = COMPILE if compile_parts is None else compile_parts
     if engine == "graph":
         banned = (config.eos_token_id,) if config.eos_token_id is not None else ()
-        decoder = StaticDecoder(model, batch, 64 + new_tokens, graph=True, banned_token_ids=banned)
+        if impl != "fused":
+            parts = ()
+        decoder = StaticDecoder(model, batch, 64 + new_tokens, graph=True, banned_token_ids=banned,
+                                compile_parts=parts)
+    else:
+        parts = ()
+    t_setup = time.perf_counter()
     model.dynamic_skipping = skipping
     torch.cuda.synchronize()
     with torch.inference_mode():
         samples = run_samples(model, prompts[batch:], config, 1, [0], batch, decoder)
     s = summarize(samples)
-    row = {"label": label, "engine": engine, "experts_implementation": impl, "batch_size": batch,
+    row = {"label": label, "engine": engine, "experts_implementation": impl, "compile": ",".join(parts),
+           "batch_size": batch, "row_seconds": time.perf_counter() - t_setup,
            "experts_per_layer": next(iter(find_moe_blocks(model).values()))[0].num_experts(
                next(iter(find_moe_blocks(model).values()))[1]),
            "tokens_per_s": s["tokens_per_s"], "decode_tokens_per_s": s["decode_tokens_per_s"],
@@ -141,6 +155,7 @@ def measure(rows: list, label: str, model, *, engine: str, impl: str, batch: int
     torch.cuda.empty_cache()
     rows.append(row)
     print(json.dumps(row), flush=True)
+    SAVE()
     return row
 
 
@@ -161,14 +176,17 @@ def prefill_times(model, impls: tuple[str, ...], length: int = 2048, reps: int =
     return {impl: sorted(v)[len(v) // 2] for impl, v in times.items()}  # medians
 
 
-def profile_step(model, impl: str, skipping: DynamicSkipping | None, steps: int = 4) -> dict:
-    """CUDA time per kernel (grouped by name) over `steps` replays of the captured decode step."""
+def profile_step(model, impl: str, skipping: DynamicSkipping | None, steps: int = 4, batch: int = 1) -> dict:
+    """CUDA time per kernel (grouped by name) over `steps` replays of the captured decode step.
+
+    Also the step's wall time per replay and the kernels' total: their difference is the time the GPU
+    spends between kernels (launch gaps inside the graph)."""
     from torch.profiler import ProfilerActivity, profile
 
     model.set_experts_implementation(("skip+" if skipping is not None else "") + impl)
     model.dynamic_skipping = skipping
-    dec = StaticDecoder(model, 1, 64 + 2 * steps + 2, graph=True, banned_token_ids=())
-    ids = torch.randint(model.config.vocab_size, (1, 64), device="cuda")
+    dec = StaticDecoder(model, batch, 64 + 2 * steps + 2, graph=True, banned_token_ids=(), compile_parts=COMPILE)
+    ids = torch.randint(model.config.vocab_size, (batch, 64), device="cuda")
     with torch.inference_mode():
         dec.generate(ids, torch.ones_like(ids), 2)  # prefill, capture, one replay
         torch.cuda.synchronize()
@@ -176,13 +194,23 @@ def profile_step(model, impl: str, skipping: DynamicSkipping | None, steps: int 
             for _ in range(steps):  # decode steps only (the cache has room for them)
                 dec.graph.replay()
             torch.cuda.synchronize()
+        torch.cuda.synchronize()  # as many further steps (the cache has room), timed without the profiler
+        t = time.perf_counter()
+        for _ in range(steps):
+            dec.graph.replay()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t) * 1e3 / steps
     model.dynamic_skipping = None
     kernels = {}
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if t:
             kernels[ev.key[:90]] = {"ms_per_step": t / 1e3 / steps, "calls_per_step": ev.count / steps}
-    return dict(sorted(kernels.items(), key=lambda kv: -kv[1]["ms_per_step"])[:25])
+    total = sum(v["ms_per_step"] for v in kernels.values())
+    calls = sum(v["calls_per_step"] for v in kernels.values())
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["ms_per_step"])[:25])
+    return {"compile": ",".join(COMPILE), "batch": batch, "step_wall_ms": wall_ms, "kernel_ms_per_step": total,
+            "kernels_per_step": calls, "gap_ms_per_step": wall_ms - total, "top_kernels": top}
 
 
 def prune_first(model, r: int) -> None:
@@ -192,37 +220,52 @@ def prune_first(model, r: int) -> None:
     next(iter(blocks.values()))[0].prune_config(model.config, r)
 
 
-def mixtral(rows: list, extra: dict, n: int, new: int) -> None:
+def mixtral(rows: list, extra: dict, n: int, new: int, stock_bs16: bool) -> None:
     config = random_init_config("mixtral-8x7b", {})
     model = build_random_model(config, "cuda", torch.bfloat16, {"experts_implementation": "grouped_mm"})
     register_skipping_implementation("grouped_mm")
     vocab = config.vocab_size
     calib = torch.stack(random_prompts(16, 64, vocab, 123))
-    measure(rows, "stock bs1", model, engine="hf", impl="grouped_mm", batch=1, n_batches=n, new_tokens=new)
+    stock = measure(rows, "stock bs1", model, engine="hf", impl="grouped_mm", batch=1, n_batches=n, new_tokens=new)
     measure(rows, "graph+grouped_mm bs1", model, engine="graph", impl="grouped_mm", batch=1, n_batches=n,
             new_tokens=new)
-    base = measure(rows, "base bs1", model, engine="graph", impl="fused", batch=1, n_batches=n, new_tokens=new)
     betas = calibrate_betas(model, calib)
     skip = DynamicSkipping(model, betas)
+    ratios = {}
+    if COMPILE:  # the same engine without torch.compile, side by side
+        b0 = measure(rows, "base bs1, no compile", model, engine="graph", impl="fused", batch=1, n_batches=n,
+                     new_tokens=new, compile_parts=())
+        skip.enable()
+        s0 = measure(rows, "skip bs1, no compile", model, engine="graph", impl="fused", batch=1, n_batches=n,
+                     new_tokens=new, skipping=skip, compile_parts=())
+        skip.disable()
+        ratios["skip_vs_base_bs1_no_compile"] = s0["decode_tokens_per_s"] / b0["decode_tokens_per_s"]
+    base = measure(rows, "base bs1", model, engine="graph", impl="fused", batch=1, n_batches=n, new_tokens=new)
     skip.enable()
     skip_row = measure(rows, "skip bs1", model, engine="graph", impl="fused", batch=1, n_batches=n,
                        new_tokens=new, skipping=skip)
     skip.disable()
+    ratios.update(base_bs1_vs_stock_bs1=base["decode_tokens_per_s"] / stock["decode_tokens_per_s"],
+                  skip_vs_base_bs1=skip_row["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+    extra["ratios_mixtral"] = ratios
     extra["profile_base_bs1"] = profile_step(model, "fused", None)
     skip.enable()
     extra["profile_skip_bs1"] = profile_step(model, "fused", skip)
     skip.disable()
-    measure(rows, "stock bs16", model, engine="hf", impl="grouped_mm", batch=16, n_batches=2, new_tokens=new)
+    SAVE()
+    if stock_bs16:
+        measure(rows, "stock bs16", model, engine="hf", impl="grouped_mm", batch=16, n_batches=2, new_tokens=new)
     base16 = measure(rows, "base bs16", model, engine="graph", impl="fused", batch=16, n_batches=2, new_tokens=new)
+    extra["profile_base_bs16"] = profile_step(model, "fused", None, batch=16)
     extra["prefill_2048_s_median"] = prefill_times(model, ("grouped_mm", "fused"))
-    ratios = {"base_bs1_vs_stock_bs1": base["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"],
-              "skip_vs_base_bs1": skip_row["decode_tokens_per_s"] / base["decode_tokens_per_s"]}
     for r in (6, 4):
         prune_first(model, r)
         gc.collect()
         torch.cuda.empty_cache()
         row16 = measure(rows, f"r{r} bs16", model, engine="graph", impl="fused", batch=16, n_batches=2, new_tokens=new)
         ratios[f"r{r}_vs_base_bs16"] = row16["decode_tokens_per_s"] / base16["decode_tokens_per_s"]
+        if r == 6:
+            extra["profile_r6_bs16"] = profile_step(model, "fused", None, batch=16)
         row1 = measure(rows, f"r{r} bs1", model, engine="graph", impl="fused", batch=1, n_batches=n, new_tokens=new)
         ratios[f"r{r}_vs_base_bs1"] = row1["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         if r == 4:
@@ -260,21 +303,30 @@ def main() -> int:
     p.add_argument("--num_batches", type=int, default=4, help="timed batch-1 prompts per row")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--skip_qwen", action="store_true")
+    p.add_argument("--stock_bs16", action="store_true", help="also the stock generate row at batch 16 (~90 s)")
+    p.add_argument("--compile", default="norm,router,attention",
+                   help="modules torch.compile'd in our graph rows (model/compile_parts.py); '' = none; with "
+                        "parts, base and skip at bs 1 are also measured without them")
     args = p.parse_args()
+    global COMPILE, SAVE
+    COMPILE = tuple(x for x in args.compile.split(",") if x)
     rows, extra = [], {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "command": " ".join(sys.argv)}
+                       "command": " ".join(sys.argv), "compile": args.compile}
     t0 = time.time()
+
+    def save() -> None:
+        extra["wall_s"] = time.time() - t0
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps({"rows": rows, **extra}, indent=1) + "\n")
+
+    SAVE = save
     try:
-        mixtral(rows, extra, args.num_batches, args.max_new_tokens)
+        mixtral(rows, extra, args.num_batches, args.max_new_tokens, args.stock_bs16)
         if not args.skip_qwen:
             qwen(rows, extra, args.num_batches, args.max_new_tokens)
     finally:
-        extra["wall_s"] = time.time() - t0
-        result = {"rows": rows, **extra}
-        text = json.dumps(result, indent=1)
-        if args.output:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(text + "\n")
+        save()
     print(json.dumps({k: v for k, v in extra.items() if not k.startswith("profile")}, indent=1))
     return 0
 

@@ -118,10 +118,16 @@ def decode_checks() -> list[dict]:
                 dec = StaticDecoder(model, b, 96, graph=True, banned_token_ids=(eos,))
                 out, _ = dec.generate(ids, mask, 64)
                 out2, _ = dec.generate(ids, mask, 64)  # the captured graph replayed for a second prompt set
+                # the same with torch.compile'd norms, routers and attention inside the graph (inductor)
+                cdec = StaticDecoder(model, b, 96, graph=True, banned_token_ids=(eos,),
+                                     compile_parts=("norm", "router", "attention"))
+                cout, _ = cdec.generate(ids, mask, 64)
                 rows.append({"skipping": skipping, "batch": b, "generate_experts": impl,
                              "graph_fused_equals_generate": bool((out == ref).all()),
                              "token_agreement": (out == ref).float().mean().item(),
-                             "second_run_identical": bool((out2 == out).all())})
+                             "second_run_identical": bool((out2 == out).all()),
+                             "graph_fused_compiled_equals_generate": bool((cout == ref).all()),
+                             "compiled_token_agreement": (cout == ref).float().mean().item()})
                 model.set_experts_implementation(("skip+" if skipping else "") + "fused")
     return rows
 

@@ -301,3 +301,20 @@ def test_missing_model_folder(tmp_path, capsys, alpaca, make, needle):
     out = tmp_path / "speed.json"
     assert main(["--model_name_or_path", str(make(tmp_path)), "--data_path", str(alpaca), "--output", str(out)]) == 2
     assert needle in one_line_error(capsys) and not out.exists()
+
+
+def test_compile_flag(tmp_path, tiny_mixtral, alpaca, capsys):
+    """--compile: the static engine with torch.compile'd norms/routers/attention reports the same token counts;
+    unknown parts and the hf engine are refused in one line before anything loads."""
+    r = bench(tmp_path, "--model_name_or_path", str(tiny_mixtral), "--data_path", str(alpaca), "--num_samples", "2",
+              "--engine", "static", "--compile", "norm,router", "--experts_implementation", "fused")
+    check_report(r, 2)
+    assert r["compile"] == "norm,router"
+    capsys.readouterr()
+    for argv, msg in ((["--compile", "norm,mlp", "--engine", "static"], "unknown part(s) mlp"),
+                      (["--compile", "norm"], "add --engine graph")):
+        out = tmp_path / "refused.json"
+        assert main(["--model_name_or_path", str(tiny_mixtral), "--data_path", str(alpaca), *argv,
+                     "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0] and not out.exists()

@@ -1,0 +1,87 @@
+"""model/compile_parts.py: torch.compile'd norms, routers and attention in the static decode step.
+
+The reference is transformers' own `generate` on the trained demo model (clear logit margins):
+compiling modules must not change a single greedy token, nor the skip counters. The CPU tests use
+the "aot_eager" backend (dynamo's tracing and the functionalised graph, without inductor's code
+generation, which the GPU check scripts/gpu_decode_check.py runs on the H200).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from model import DynamicSkipping
+from model.compile_parts import PARTS, compiled_parts
+from model.static_decode import StaticDecoder
+from test_fused_experts import REPO_DEMO
+
+PART_SETS = [("norm",), ("norm", "router"), ("norm", "router", "attention")]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model = AutoModelForCausalLM.from_pretrained(REPO_DEMO, dtype=torch.float32).eval()
+    model.set_experts_implementation("fused")  # the reference path on the CPU
+    return model
+
+
+def _prompts(model):
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    ids[1, :2] = 0
+    return ids, mask
+
+
+def _generate(model, ids, mask, n):
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, min_new_tokens=n,
+                              max_new_tokens=n, eos_token_id=eos, pad_token_id=eos)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("parts", PART_SETS, ids=["+".join(p) for p in PART_SETS])
+@pytest.mark.parametrize("skipping", [False, True])
+def test_compiled_decode_step_equals_generate(demo, parts, skipping):
+    ids, mask = _prompts(demo)
+    skip = None
+    if skipping:
+        skip = DynamicSkipping(demo, {str(i): 0.6 for i in range(demo.config.num_hidden_layers)}).enable()
+    try:
+        ref = _generate(demo, ids, mask, 10)
+        ref_stats = skip.stats() if skip else None
+        if skip:
+            skip.reset_stats()
+        eos = demo.generation_config.eos_token_id
+        dec = StaticDecoder(demo, 2, 20, graph=False, banned_token_ids=(eos,), compile_parts=parts,
+                            compile_backend="aot_eager")
+        out, _ = dec.generate(ids, mask, 10)
+        assert torch.equal(out, ref)
+        if skip:
+            stats = skip.stats()
+            assert 0 < stats["skip_rate"] < 1
+            assert stats["layers"] == ref_stats["layers"]  # the hook ran on every step, counted alike
+    finally:
+        if skip:
+            skip.disable()
+    # the context put every module back: no instance forward left behind
+    assert not any("forward" in vars(m) for m in demo.modules())
+
+
+def test_parts_are_restored_after_an_error(demo):
+    with pytest.raises(RuntimeError, match="boom"):
+        with compiled_parts(demo, ["norm", "router"], backend="aot_eager") as n:
+            assert n == 2 * demo.config.num_hidden_layers + 1 + demo.config.num_hidden_layers  # norms + routers
+            assert "forward" in vars(demo.model.norm)
+            raise RuntimeError("boom")
+    assert not any("forward" in vars(m) for m in demo.modules())
+
+
+def test_bad_parts(demo):
+    with pytest.raises(ValueError, match="unknown part 'mlp'"):
+        with compiled_parts(demo, ["mlp"]):
+            pass
+    assert set(PARTS) == {"norm", "router", "attention"}
