@@ -51,15 +51,18 @@ def gen_config(model, new_tokens: int) -> GenerationConfig:
 
 
 def calibrate_betas(model, batch: torch.Tensor) -> dict:
-    """Per MoE layer, the median of w_j/w_1 over the calibration tokens' routing (method/skip_calibration.py's rule)."""
+    """Per MoE layer, the median of w_j/w_1 over the calibration tokens' routing (method/skip_calibration.py's
+    rule: slots ranked by the router's choice scores); a float for top-2 routers, a list for top-k."""
     ratios, handles = {}, []
     for idx, (adapter, block) in find_moe_blocks(model).items():
-        def hook(_m, _a, out, idx=idx):
-            ratios.setdefault(idx, []).append(weight_ratios(out[1]).float())
+        def hook(_m, _a, out, idx=idx, adapter=adapter, block=block):
+            logits, weights, indices = out
+            scores = adapter.chosen_scores(block, logits, indices)
+            ratios.setdefault(idx, []).append(weight_ratios(weights, scores).float())
         handles.append(adapter.router(block).register_forward_hook(hook))
     try:
         with torch.inference_mode():
-            model(input_ids=batch.cuda(), use_cache=False, logits_to_keep=1)
+            model(input_ids=batch.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
@@ -304,9 +307,10 @@ def main() -> int:
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--skip_qwen", action="store_true")
     p.add_argument("--stock_bs16", action="store_true", help="also the stock generate row at batch 16 (~90 s)")
-    p.add_argument("--compile", default="norm,router,attention",
-                   help="modules torch.compile'd in our graph rows (model/compile_parts.py); '' = none; with "
-                        "parts, base and skip at bs 1 are also measured without them")
+    p.add_argument("--compile", default="",
+                   help="modules torch.compile'd in our graph rows (model/compile_parts.py), e.g. "
+                        "norm,router,attention; default none; with parts, base and skip at bs 1 are also "
+                        "measured without them")
     args = p.parse_args()
     global COMPILE, SAVE
     COMPILE = tuple(x for x in args.compile.split(",") if x)
