@@ -49,7 +49,8 @@ class MoESkipLM(HFLM):
             if skipping:
                 self.dynamic_skipping.enable()
                 if self.rank == 0:
-                    log.info("dynamic skipping on: betas %s", self.config.betas)
+                    devices = sorted({str(p.device) for p in model.parameters()})
+                    log.info("dynamic skipping on: betas %s; model on %s", self.config.betas, ", ".join(devices))
             else:
                 self.dynamic_skipping.disable()
         self._skip_counts: torch.Tensor | None = None  # (processes, MoE layers, [tokens, skipped]) once gathered
