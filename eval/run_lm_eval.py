@@ -1,7 +1,7 @@
 """lm-evaluation-harness's own command line, with dynamic skipping and the bundled offline tasks.
 
     python -m eval.run_lm_eval --model_args pretrained=output/<run> --tasks arc_easy_local,boolq_local --output_path out
-    accelerate launch --num_processes 2 -m eval.run_lm_eval --model_args pretrained=output/<run> --tasks ...
+    accelerate launch --multi_gpu --num_processes 2 -m eval.run_lm_eval --model_args pretrained=output/<run> --tasks ...
 
 Everything is lm-eval's `lm_eval run` (every flag works as there; its outputs are lm-eval's), with:
 
@@ -114,8 +114,26 @@ def check_model(args) -> None:
         raise UsageError(str(e)) from None
 
 
+def merge_config_file(args) -> None:
+    """`--config FILE`: lm-eval takes the values the command line leaves unset from it; so do the checks here."""
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+    from lm_eval.utils import simple_parse_args_string
+
+    try:
+        values = EvaluatorConfig.load_yaml_config(args.config)
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"--config {args.config}: {e}") from None
+    for key in ("model", "model_args", "tasks", "include_path", "output_path"):
+        if not getattr(args, key, None) and values.get(key):
+            value = values[key]
+            setattr(args, key, simple_parse_args_string(value) if key == "model_args" and isinstance(value, str)
+                    else value)
+
+
 def prepare(args, own, tmp: Path) -> None:
     """Check the run's input and fill in what this script adds (model type, shorthand, local tasks)."""
+    if args.config:
+        merge_config_file(args)
     if own.model_path is not None:
         if args.model not in (None, MODEL_NAME):
             raise UsageError(f"--model_path is shorthand for --model {MODEL_NAME} --model_args pretrained=CKPT; "

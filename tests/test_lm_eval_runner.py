@@ -365,6 +365,17 @@ def test_missing_model_path(tmp_path, capsys, make, needle):
     assert not (tmp_path / "out").exists()
 
 
+def test_config_file_values_are_checked(tmp_path, capsys):
+    """lm-eval's --config YAML supplies what the command line leaves out; those values get the same checks."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_args: pretrained={tmp_path / 'no_model'}\ntasks: arc_easy_local\n")
+    assert run("--config", str(config), "--data_dir", str(empty_arc_data(tmp_path)),
+               "--output_path", str(tmp_path / "out")) == 2
+    assert "no_model: no such folder" in one_line_error(capsys)
+    assert run("--config", str(tmp_path / "missing.yaml"), "--tasks", "arc_easy_local") == 2
+    assert f"--config {tmp_path / 'missing.yaml'}: Config file not found" in one_line_error(capsys)
+
+
 def test_output_path_that_is_a_file(tmp_path, capsys):
     """Found before the task index and the model load, not when the results are written."""
     out = tmp_path / "results"
