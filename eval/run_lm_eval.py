@@ -1,27 +1,29 @@
-"""Evaluate a pruned, skipping or plain checkpoint with lm-evaluation-harness.
+"""lm-evaluation-harness's own command line, with dynamic skipping and the bundled offline tasks.
 
-    python eval/run_lm_eval.py --model_path CKPT --tasks arc_easy_local,boolq_local --output_path out/
+    python -m eval.run_lm_eval --model_args pretrained=output/<run> --tasks arc_easy_local,boolq_local --output_path out
+    accelerate launch --multi_gpu --num_processes 2 -m eval.run_lm_eval --model_args pretrained=output/<run> --tasks ...
 
-The model is loaded with `model.load_model`, so a checkpoint whose config has `betas` is
-evaluated WITH dynamic skipping (the stock `lm_eval` CLI loads it with plain transformers,
-which ignores `betas`). Writes <output_path>/results.json (lm-eval's results and config, plus
-the skip rates when skipping was on) and <output_path>/results.md (one row per task and
-metric, value ± stderr); with --log_samples also samples_<task>.jsonl. See docs/evaluation.md.
+Everything is lm-eval's `lm_eval run` (every flag works as there; its outputs are lm-eval's), with:
 
-Local tasks (eval/tasks/*.yaml) read the benchmark files from a data folder: --data_dir, else
-$MOE_EVAL_DATA, else ../shared/data/eval next to the repo. YAML cannot read environment
-variables, so the task files hold a placeholder that this script fills in, writing the
-resolved copies to a temporary folder that lm-eval indexes as an include path.
+- the model type `moe-skip` registered (eval/lm_eval_model.py: lm-eval's `hf` plus the checkpoint's
+  `betas`, skip rates in the results) and made the default `--model`;
+- `--model_path CKPT`, shorthand for `--model_args pretrained=CKPT`;
+- the bundled offline tasks (eval/tasks/*.yaml) known by name, reading their files from `--data_dir`
+  (else $MOE_EVAL_DATA, else ../shared/data/eval): resolved copies are written to a temporary folder
+  that is added to `--include_path`;
+- bad input reported in one line (exit code 2) before anything is loaded or written: an unknown task,
+  a missing data folder or file, a task YAML that does not parse, a model path that is not a
+  checkpoint, bad `betas`, an output path that cannot be written.
+
+See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import contextlib
+import importlib
 import os
-import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,244 +32,180 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python eval/run_lm_eval.py`: make `model` importable
     sys.path.insert(0, str(REPO))
 
-from cli import UsageError, check_output_dir, fail  # noqa: E402
+from cli import UsageError, check_output_dir, check_output_file, fail  # noqa: E402
+from eval.tasks import (DATA_ENV, TASKS_DIR, check_data_files, check_task_files, local_tasks,  # noqa: E402
+                        resolve_data_dir, write_resolved_tasks)
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-DATA_ENV = "MOE_EVAL_DATA"
-PLACEHOLDER = "${" + DATA_ENV + "}"
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "eval"
-
-
-# ---- local tasks ------------------------------------------------------------------------------
-def local_tasks() -> dict[str, list[str]]:
-    """Local task name (the YAML's file name) -> the data files it reads, relative to the data folder."""
-    pattern = re.compile(re.escape(PLACEHOLDER) + r"/([^\"']+)")
-    return {p.stem: pattern.findall(p.read_text()) for p in sorted(TASKS_DIR.glob("*.yaml"))}
+PROG = "run_lm_eval.py"
+MODEL_NAME = "moe-skip"  # eval.lm_eval_model.MODEL_NAME, without importing lm-eval for --help
+SUBCOMMANDS = ("run", "ls", "validate")
 
 
-def resolve_data_dir(flag: str | None) -> Path:
-    """The data folder: --data_dir, else $MOE_EVAL_DATA, else ../shared/data/eval if it exists."""
-    if flag:
-        source, path = "--data_dir", Path(flag)
-    elif os.environ.get(DATA_ENV):
-        source, path = DATA_ENV, Path(os.environ[DATA_ENV])
-    elif DEFAULT_DATA_DIR.is_dir():
-        return DEFAULT_DATA_DIR
-    else:
-        raise UsageError(f"local tasks need a data folder: pass --data_dir DIR or set {DATA_ENV} "
-                         f"(the default {DEFAULT_DATA_DIR} does not exist)")
-    if not path.is_dir():
-        raise UsageError(f"data folder {path} (from {source}) does not exist: pass --data_dir DIR or set {DATA_ENV}")
-    return path.resolve()
+def own_parser() -> argparse.ArgumentParser:
+    """The flags this script adds to lm-eval's; everything else goes to lm-eval as it is."""
+    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)  # no abbreviations: --model is lm-eval's
+    p.add_argument("--model_path", default=None, metavar="CKPT",
+                   help="checkpoint folder (pruned, skipping or plain) or Hub id: shorthand for "
+                        "--model_args pretrained=CKPT")
+    p.add_argument("--data_dir", default=None, metavar="DIR",
+                   help=f"folder with the local tasks' files (default: ${DATA_ENV}, else ../shared/data/eval "
+                        f"beside the repo); local tasks: {', '.join(local_tasks())}")
+    return p
 
 
-def check_data_files(data_dir: Path, tasks: list[str], local: dict[str, list[str]]) -> None:
-    for task in tasks:
-        for name in local[task]:
-            if not (data_dir / name).is_file():
-                raise UsageError(f"task {task} needs {data_dir / name}, which is missing: pass --data_dir DIR "
-                                 f"or set {DATA_ENV} to the folder that holds {name}")
+def print_help() -> None:
+    print(__doc__.split("\n\nSee")[0])
+    print("\n" + own_parser().format_help().split("\n", 2)[2].replace("options:", "flags added to lm-eval's:"))
+    print(f"`--model` defaults to {MODEL_NAME}; its --model_args are `hf`'s plus skipping=False (evaluate a skipping "
+          "checkpoint without skipping).\n\nlm-eval's flags (`lm_eval run --help`):\n")
+    sys.stdout.flush()
 
 
-def check_task_files(folders: list[Path]) -> None:
-    """Every task YAML that lm-eval will index parses: lm-eval skips one that does not without a word, and
-    would then call its task unknown."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):  # lm-eval's tags (`!function module.fn`) only need to parse here
-        pass
-
-    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    for folder in folders:
-        for path in sorted(folder.rglob("*.yaml")):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    yaml.load(f, Loader=Loader)  # noqa: S506 (SafeLoader plus inert tags)
-            except yaml.MarkedYAMLError as e:
-                mark = e.problem_mark or e.context_mark
-                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-                raise UsageError(f"task file {path} does not parse ({where}{e.problem or e.context}): "
-                                 "fix or remove it") from None
-            except (yaml.YAMLError, UnicodeDecodeError) as e:
-                raise UsageError(f"task file {path} does not parse ({e}): fix or remove it") from None
+@contextlib.contextmanager
+def argv_as(argv: list[str]):
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
-def materialise_local_tasks(data_dir: Path, dest: Path) -> None:
-    """Copy eval/tasks into dest with the data folder filled in for the placeholder."""
-    # The placeholder sits in double-quoted YAML strings, whose escapes are JSON's.
-    value = json.dumps(str(data_dir))[1:-1]
-    for src in TASKS_DIR.iterdir():
-        if src.suffix == ".yaml":
-            (dest / src.name).write_text(src.read_text().replace(PLACEHOLDER, value))
-        elif src.suffix == ".py":  # helpers that the YAMLs' `!function` tags load from next to them
-            shutil.copy(src, dest / src.name)
+# ---- checks before lm-eval runs ------------------------------------------------------------------
+def task_names(args) -> list[str]:
+    if not args.tasks:
+        raise UsageError("--tasks is required: comma-separated lm-eval task, group or tag names; local tasks: "
+                         + ", ".join(local_tasks()))
+    tasks = [args.tasks] if isinstance(args.tasks, str) else args.tasks
+    return [t.strip() for item in tasks for t in item.split(",") if t.strip()]
 
 
-def task_manager(tasks: list[str], local_dir: Path | None, include_path: Path | None, local: dict[str, list[str]]):
-    """A TaskManager that knows every requested task; UsageError naming the unknown ones otherwise."""
+def check_tasks_known(tasks: list[str], paths: list[Path], user_include: Path | None) -> None:
+    """UsageError naming the requested tasks that neither lm-eval nor the include paths know."""
     from lm_eval.tasks import TaskManager
 
-    paths = [str(p) for p in (local_dir, include_path) if p is not None]  # later ones win on a name clash
-    if paths:
-        # Indexing lm-eval's ~15k stock task YAMLs takes seconds: skip it when every name is a single task
-        # of ours or of --include_path (a group or tag may name stock tasks, so those need the full index).
-        own = TaskManager(include_path=paths, include_defaults=False)
-        if all(t in own.all_subtasks for t in tasks):
-            return own
-    manager = TaskManager(include_path=paths or None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
+    names = [t for t in tasks if not t.endswith(".yaml") and not Path(t).is_dir()]  # files and folders: lm-eval's
+    # Indexing lm-eval's ~15k stock task YAMLs takes seconds: skip it when every name is a single task of ours or
+    # of --include_path (a group or tag may name stock tasks, so those need the full index).
+    if paths and all(t in TaskManager(include_path=[str(p) for p in paths], include_defaults=False).all_subtasks
+                     for t in names):
+        return
+    manager = TaskManager(include_path=[str(p) for p in paths] or None)
+    unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
-        where = "lm-eval's" + (f" nor under {include_path}" if include_path else "")
-        raise UsageError(f"unknown task(s) {', '.join(unknown)}: not {where}; local tasks: {', '.join(local)}")
-    return manager
+        where = "lm-eval's" + (f" nor under {user_include}" if user_include else "")
+        raise UsageError(f"unknown task(s) {', '.join(unknown)}: not {where}; local tasks: {', '.join(local_tasks())}")
 
 
-# ---- model --------------------------------------------------------------------------------------
-def load(args):
-    from model import load_model
+def check_model(args) -> None:
+    """A moe-skip checkpoint's path, config and betas, before lm-eval loads anything."""
+    from model.loading import CONFIG_LOCATION_KWARGS, check_checkpoint
 
+    model_args = args.model_args or {}
+    pretrained = model_args.get("pretrained")
+    if pretrained is None:
+        raise UsageError(f"--model {MODEL_NAME} needs a checkpoint: --model_path CKPT or --model_args pretrained=CKPT")
     try:
-        # Checks the path, the config and its betas before any weight is read.
-        return load_model(args.model_path, device=args.device, dtype=args.dtype, skipping=not args.no_skipping)
-    except OSError as e:  # transformers' "not a valid model identifier", missing weights and the like
-        raise UsageError(f"cannot load a model from {args.model_path}: {str(e).strip().splitlines()[0]}") from None
-    except ValueError as e:  # no such folder, no config.json, bad betas (BetasError), an unknown dtype
+        check_checkpoint(str(pretrained), skipping=model_args.get("skipping", True) is not False,
+                         **{k: v for k, v in model_args.items() if k in CONFIG_LOCATION_KWARGS and v})
+    except OSError as e:  # transformers' "not a valid model identifier", an unreadable config and the like
+        raise UsageError(f"cannot load a model from {pretrained}: {str(e).strip().splitlines()[0]}") from None
+    except ValueError as e:  # no such folder, no config.json, bad betas (BetasError), no MoE layer for betas
         raise UsageError(str(e)) from None
 
 
-# ---- evaluation and output ----------------------------------------------------------------------
-def evaluate(model, tokenizer, tasks: list[str], manager, args) -> dict:
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+def merge_config_file(args) -> None:
+    """`--config FILE`: lm-eval takes the values the command line leaves unset from it; so do the checks here."""
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+    from lm_eval.utils import simple_parse_args_string
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
-    seeds = {} if args.seed is None else dict(random_seed=args.seed, numpy_random_seed=args.seed,
-                                              torch_random_seed=args.seed, fewshot_random_seed=args.seed)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                                   limit=args.limit, task_manager=manager, log_samples=args.log_samples, **seeds)
-
-
-def markdown(results: dict) -> str:
-    from lm_eval.utils import make_table
-
-    text = make_table(results)
-    if results.get("groups"):
-        text += "\n" + make_table(results, "groups")
-    skipping = results.get("dynamic_skipping")
-    if skipping:
-        text += (f"\nDynamic skipping on (betas {skipping['betas']}): skip rate {skipping['skip_rate']:.2%} "
-                 f"({skipping['skipped']} skipped expert slots over {skipping['tokens']} routed tokens).\n")
-    return text
+    try:
+        values = EvaluatorConfig.load_yaml_config(args.config)
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"--config {args.config}: {e}") from None
+    for key in ("model", "model_args", "tasks", "include_path", "output_path"):
+        if not getattr(args, key, None) and values.get(key):
+            value = values[key]
+            setattr(args, key, simple_parse_args_string(value) if key == "model_args" and isinstance(value, str)
+                    else value)
 
 
-def write_outputs(results: dict, output_path: Path) -> str:
-    """results.json, results.md and (--log_samples) samples_<task>.jsonl; returns the table."""
-    from lm_eval.utils import handle_non_serializable
-
-    def dumps(obj, **kw) -> str:
-        return json.dumps(obj, default=handle_non_serializable, ensure_ascii=False, **kw)
-
-    output_path.mkdir(parents=True, exist_ok=True)
-    for task, records in results.pop("samples", {}).items():
-        (output_path / f"samples_{task}.jsonl").write_text("".join(dumps(r) + "\n" for r in records))
-    (output_path / "results.json").write_text(dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (output_path / "results.md").write_text(table)
-    return table
-
-
-def run(args) -> dict:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise UsageError("--tasks is empty")
-    check_output_dir(args.output_path, "--output_path")  # before the evaluation, not after it
-    include_path = Path(args.include_path) if args.include_path else None
-    if include_path is not None and not include_path.is_dir():
-        raise UsageError(f"--include_path {include_path} is not a folder")
-    check_task_files([TASKS_DIR] + ([include_path] if include_path else []))
+def prepare(args, own, tmp: Path) -> None:
+    """Check the run's input and fill in what this script adds (model type, shorthand, local tasks)."""
+    if args.config:
+        merge_config_file(args)
+    if own.model_path is not None:
+        if args.model not in (None, MODEL_NAME):
+            raise UsageError(f"--model_path is shorthand for --model {MODEL_NAME} --model_args pretrained=CKPT; "
+                             f"with --model {args.model} pass pretrained=CKPT in --model_args")
+        pretrained = (args.model_args or {}).get("pretrained")
+        if pretrained is not None and str(pretrained) != own.model_path:
+            raise UsageError(f"--model_path {own.model_path} and --model_args pretrained={pretrained} disagree: "
+                             "give one")
+        args.model_args = {**(args.model_args or {}), "pretrained": own.model_path}
+    if args.model is None:
+        args.model = MODEL_NAME
+    tasks = task_names(args)
+    if args.output_path:
+        if Path(args.output_path).suffix == ".json":  # lm-eval writes <name>_<date>.json beside it
+            check_output_file(args.output_path, "--output_path")
+        else:
+            check_output_dir(args.output_path, "--output_path")
+    user_include = Path(args.include_path) if args.include_path else None
+    if user_include is not None and not user_include.is_dir():
+        raise UsageError(f"--include_path {user_include} is not a folder")
+    check_task_files([TASKS_DIR] + ([user_include] if user_include else []))
     local = local_tasks()
     wanted_local = [t for t in tasks if t in local]
-    data_dir = None
+    paths = [user_include] if user_include else []
     if wanted_local:
-        data_dir = resolve_data_dir(args.data_dir)
+        data_dir = resolve_data_dir(own.data_dir)
         check_data_files(data_dir, wanted_local, local)
+        write_resolved_tasks(data_dir, tmp)
+        paths = [tmp, *paths]  # later paths win a name clash: the user's own tasks
+    check_tasks_known(tasks, paths, user_include)
+    if paths:
+        args.include_path = [str(p) for p in paths]  # lm-eval's TaskManager takes a list
     if all(t in local for t in tasks):
         # Nothing to download, but `datasets` pings a usage counter online on every load_dataset("json", ...)
-        # unless it is in offline mode (which it reads when first imported, below).
+        # unless it is in offline mode (which it reads when first imported).
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-    with tempfile.TemporaryDirectory(prefix="moe_eval_tasks_") as tmp:
-        local_dir = None
-        if data_dir is not None:
-            local_dir = Path(tmp)
-            materialise_local_tasks(data_dir, local_dir)
-        manager = task_manager(tasks, local_dir, include_path, local)
-        model, tokenizer = load(args)
-        results = evaluate(model, tokenizer, tasks, manager, args)
-
-    results["runner_args"] = {**vars(args), "data_dir": str(data_dir) if data_dir else None}
-    if model.dynamic_skipping is not None:
-        results["dynamic_skipping"] = {"betas": model.config.betas, **model.dynamic_skipping.stats()}
-    print(write_outputs(results, Path(args.output_path)))
-    return results
+    if args.model == MODEL_NAME:
+        check_model(args)
 
 
 # ---- command line -------------------------------------------------------------------------------
-def batch_size(value: str) -> int | str:
-    if value.startswith("auto"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither an integer nor auto[:N]") from None
-
-
-def limit(value: str) -> int | float:
-    number = float(value)
-    return int(number) if number >= 1 else number
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    local = ", ".join(local_tasks())
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_path", required=True,
-                   help="checkpoint folder (pruned, skipping or plain) or Hugging Face Hub id")
-    p.add_argument("--tasks", required=True,
-                   help=f"comma-separated lm-eval task, group or tag names; local (offline) tasks: {local}")
-    p.add_argument("--output_path", required=True, help="folder for results.json and results.md")
-    p.add_argument("--data_dir", default=None,
-                   help=f"folder with the local tasks' files (default: ${DATA_ENV}, "
-                        "else ../shared/data/eval beside the repo)")
-    p.add_argument("--include_path", default=None,
-                   help="folder of your own lm-eval task YAMLs (as the lm_eval CLI's flag)")
-    p.add_argument("--num_fewshot", type=int, default=None,
-                   help="few-shot examples per prompt (default: each task's own, 0 for most, 5 for GSM8K)")
-    p.add_argument("--batch_size", type=batch_size, default=1,
-                   help="batch size: an integer, or auto[:N] as lm-eval takes it (default 1)")
-    p.add_argument("--limit", type=limit, default=None,
-                   help="evaluate only the first N documents of each task (a fraction when < 1); for tests")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed for python, numpy, torch and the few-shot sampler (default: lm-eval's 0/1234/1234/1234)")
-    p.add_argument("--device", default=None,
-                   help="cuda, cuda:N, cpu, or auto (spread over the GPUs); default: the GPU when there is one")
-    p.add_argument("--dtype", default=None,
-                   help="bfloat16, float16, float32 or auto; default: the checkpoint's own dtype")
-    p.add_argument("--log_samples", action="store_true",
-                   help="also write each document's prompt, responses and scores to samples_<task>.jsonl")
-    p.add_argument("--no_skipping", action="store_true",
-                   help="evaluate a checkpoint that has `betas` without dynamic skipping")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print_help()
+        argv = ["run", "--help"]
+    own, rest = own_parser().parse_known_args(argv)
+    if rest and rest[0] not in SUBCOMMANDS:
+        rest = ["run", *rest]  # as lm-eval's CLI does: `lm_eval --model ...` means `lm_eval run --model ...`
+
+    from lm_eval._cli import HarnessCLI
+
+    importlib.import_module("eval.lm_eval_model")  # registers the moe-skip model type
+
+    cli = HarnessCLI()
     try:
-        run(args)
-    except UsageError as e:
-        return fail("run_lm_eval.py", e)
+        with argv_as(["lm-eval", *rest]):
+            args = cli.parse_args()
+    except SystemExit as e:  # --help, or argparse's own error message
+        return e.code if isinstance(e.code, int) else 2
+    with tempfile.TemporaryDirectory(prefix="moe_eval_tasks_") as tmp:
+        try:
+            if args.command == "run":
+                prepare(args, own, Path(tmp))
+        except UsageError as e:
+            return fail(PROG, e)
+        from lm_eval.utils import setup_logging
+
+        setup_logging()  # what lm-eval's own entry point (lm_eval.__main__.cli_evaluate) does first
+        cli.execute(args)
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(main())

@@ -228,8 +228,9 @@ model, tokenizer = load_model("{FOLDER}")  # skipping on: model.dynamic_skipping
 
 **The `betas` in config.json are ignored by plain transformers, the stock lm-eval (`--model hf`) and
 vLLM**: they load this checkpoint as an ordinary model and send every token to all of its top-k
-experts, without skipping. Evaluate it with `python eval/run_lm_eval.py --model_path {FOLDER}`
-(lm-eval on the model `load_model` returns)."""
+experts, without skipping. Evaluate it with `python eval/run_lm_eval.py --model_path {FOLDER} --tasks ...`
+(lm-eval's own CLI with this project's `moe-skip` model type, which applies the betas and reports skip rates;
+`accelerate launch` and `parallelize=True` work as with `--model hf`)."""
     return f"""A plain transformers checkpoint: transformers, lm-eval (`--model hf`) and vLLM load it as it is.
 
 ```python

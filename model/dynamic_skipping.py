@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -327,6 +328,19 @@ class DynamicSkipping:
         with torch.inference_mode():
             for c in self._device_counts.values():
                 c.zero_()
+
+    @contextmanager
+    def uncounted(self):
+        """Forward passes inside this block skip as usual but leave the counters as they were."""
+        saved = {key: c.clone() for key, c in self._device_counts.items()}
+        try:
+            yield self
+        finally:
+            for key, c in self._device_counts.items():
+                if key in saved:
+                    c.copy_(saved[key])
+                else:  # first used inside the block
+                    c.zero_()
 
     def stats(self) -> dict:
         """Skipped (token, expert) slots over routed tokens, per MoE layer and overall.

@@ -49,7 +49,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-import main as cli  # noqa: E402
+import main as pruning_cli  # noqa: E402
+from cli import UsageError, fail, resolve_device  # noqa: E402
 from data import DATASETS, DataFileError, build_calib_loader, read_texts  # noqa: E402
 from eval.perplexity import perplexity, token_blocks  # noqa: E402
 from method import METHODS  # noqa: E402
@@ -62,10 +63,6 @@ DEFAULT_CALIB_FILES = {"c4": SHARED / "calib" / "c4-train.00000-of-01024.first10
 PRUNING = {m[: -len("_pruning")]: m for m in METHODS if m.endswith("_pruning")}  # short name -> registry key
 CALIBRATION_FREE = {"random"}  # run once per seed instead of once per calibration set
 EVALS = {"wiki": "Wikipedia", "gsm8k": "GSM8K"}
-
-
-class UsageError(ValueError):
-    """Bad flags or files: one line on stderr, exit 2, nothing written."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,7 +131,7 @@ class Comparison:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.device = str(cli.resolve_device(args.device))
+        self.device = str(resolve_device(args.device))
         self.calib_files = self._calib_files(args)
         try:
             AutoConfig.from_pretrained(args.model_path)
@@ -202,7 +199,7 @@ class Comparison:
 
     def run(self, argv: list[str], model=None, loader=None):
         """(model, info, seconds) of METHODS[method] on a copy of `model` (default: the base model)."""
-        cfg = cli.parse_args(argv)
+        cfg = pruning_cli.parse_args(argv)
         loader = loader if loader is not None else self.loader(cfg.calib_set)
         start = time.time()
         out, info = METHODS[cfg.method](copy.deepcopy(model if model is not None else self.base), loader, cfg)
@@ -525,9 +522,8 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         res = compare(args, argv)
-    except (UsageError, cli.UsageError, DataFileError, MoEError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, DataFileError, MoEError, FileNotFoundError) as e:
+        return fail("compare_methods.py", e)
     for path in write_outputs(res, args):
         print(f"wrote {path}")
     if not args.markdown:

@@ -86,15 +86,25 @@ def plot_experts(record: dict, path: Path) -> None:
     save(fig, path)
 
 
-def plot_losses(record: dict, path: Path) -> None:
+def ranked_curves(record: dict, field: str, descending: bool, label, dense_marker_limit: int | None = None):
+    """A new figure with one curve per layer: the layer's `field` values sorted best first (descending or
+    ascending) and divided by the best one (by 1 when it is 0: a zero loss, keeping all, would divide by
+    zero). label(layer index, layer record, number of values) names each curve. Returns fig, ax, layers."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = ordered(record["layers"])
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(rows)))
     for (idx, v), c in zip(rows, colors):
-        losses = np.sort(np.array(list(v["loss"].values()), dtype=np.float64))
-        best = losses[0] if losses[0] > 0 else 1.0  # a zero loss (keeping all) would divide by zero
-        ax.plot(np.arange(1, len(losses) + 1), losses / best, marker="." if len(losses) <= 64 else None,
-                color=c, label=f"layer {idx} ({v.get('search', '?')}, {len(losses)} scored)")
+        values = np.sort(np.array(list(v[field].values()), dtype=np.float64))
+        values = values[::-1] if descending else values
+        best = values[0] if values[0] > 0 else 1.0
+        marker = "." if dense_marker_limit is None or len(values) <= dense_marker_limit else None
+        ax.plot(np.arange(1, len(values) + 1), values / best, marker=marker, color=c, label=label(idx, v, len(values)))
+    return fig, ax, rows
+
+
+def plot_losses(record: dict, path: Path) -> None:
+    fig, ax, _ = ranked_curves(record, "loss", descending=False, dense_marker_limit=64,
+                               label=lambda idx, v, n: f"layer {idx} ({v.get('search', '?')}, {n} scored)")
     ax.set_xscale("log")
     ax.set_xlabel("candidate drop set, by loss (rank)")
     ax.set_ylabel("loss / chosen set's loss")
@@ -104,13 +114,7 @@ def plot_losses(record: dict, path: Path) -> None:
 
 
 def plot_scores(record: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = ordered(record["layers"])
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(rows)))
-    for (idx, v), c in zip(rows, colors):
-        scores = np.sort(np.array(list(v["scores"].values()), dtype=np.float64))[::-1]
-        top = scores[0] if scores[0] > 0 else 1.0
-        ax.plot(np.arange(1, len(scores) + 1), scores / top, marker=".", color=c, label=f"layer {idx}")
+    fig, ax, rows = ranked_curves(record, "scores", descending=True, label=lambda idx, v, n: f"layer {idx}")
     r = len(rows[0][1]["kept_experts"])
     ax.axvline(r + 0.5, color="k", linestyle="--", linewidth=1, label=f"kept | dropped (r={r})")
     ax.set_xlabel("expert, by score (rank)")

@@ -109,5 +109,5 @@ def test_bad_input_one_line_error_nothing_written(extra, match, tmp_path, capsys
     assert compare_methods.main(toy_argv(tmp_path, c4, wiki, gsm8k, *extra)) == 2
     # transformers' weight-loading progress bar also goes to stderr; the script's own output is one line.
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
-    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert len(err) == 1 and err[0].startswith("compare_methods.py: error: ") and match in err[0], err
     assert list(tmp_path.iterdir()) == []

@@ -1,8 +1,11 @@
-"""eval/run_lm_eval.py: its accuracies equal ones computed here from the model's own log-likelihoods."""
+"""lm-eval with dynamic skipping: the `moe-skip` model type through lm-eval's own CLI (in one process and
+data-parallel), eval/run_lm_eval.py, and the task files `python -m eval.tasks` writes. Accuracies,
+log-likelihoods and skip counts are compared with ones computed here from the model itself."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +17,13 @@ import yaml
 
 from conftest import REPO, save_model, shared_path, tiny_mixtral_config
 from eval import run_lm_eval
+from eval import tasks as bundled
+from eval.tasks import __main__ as write_tasks
 
 LIMIT = 10
 TOL = 1e-4  # slack for float32 rounding: lm-eval runs the very same token ids through the same model
+BETAS = {"0": 0.5, "1": 0.5}
+N_LAYERS = 2  # tiny_mixtral_config's MoE layers: each token is routed (and counted) once per layer
 STOCK_TASKS = Path(lm_eval.__file__).parent / "tasks"
 # Each local task and the stock task whose prompt, target and metrics it keeps.
 STOCK = {"arc_easy_local": "arc/arc_easy.yaml", "arc_challenge_local": "arc/arc_challenge.yaml",
@@ -34,13 +41,42 @@ def _restore_env(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def arc_dir() -> Path:
     return shared_path("eval/arc_easy_test.jsonl").parent
 
 
+@pytest.fixture
+def written_tasks(tmp_path, arc_dir) -> Path:
+    """The bundled tasks with their data folder filled in, as `python -m eval.tasks --write DIR` writes them."""
+    out = tmp_path / "moe_tasks"
+    assert write_tasks.main(["--data_dir", str(arc_dir), "--write", str(out)]) == 0
+    return out
+
+
 def run(*argv: str) -> int:
     return run_lm_eval.main(["--device", "cpu", "--batch_size", "1", *argv])
+
+
+def stock_cli(monkeypatch, *argv: str) -> None:
+    """lm-eval's own console entry point (`lm_eval ...`), called in this process."""
+    from lm_eval.__main__ import cli_evaluate
+
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "--device", "cpu", "--batch_size", "1", *argv])
+    cli_evaluate()
+
+
+def arc_flags(out: Path) -> list[str]:
+    return ["--tasks", "arc_easy_local", "--limit", str(LIMIT), "--log_samples", "--output_path", str(out)]
+
+
+def read_outputs(out: Path) -> tuple[dict, list[list[float]]]:
+    """lm-eval's results file under out/<model>/ and each arc_easy_local doc's choice log-likelihoods."""
+    (results,) = out.glob("*/results_*.json")
+    (samples,) = out.glob("*/samples_arc_easy_local_*.jsonl")
+    records = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    # lm-eval writes each response as text: [["-12.5", "False"], ...]
+    return json.loads(results.read_text()), [[float(ll) for ll, _ in r["filtered_resps"]] for r in records]
 
 
 # ---- the independent computation --------------------------------------------------------------
@@ -85,79 +121,181 @@ def accuracies(docs: list[dict], lls: list[list[float]]) -> tuple[float, float]:
     return correct / len(docs), correct_norm / len(docs)
 
 
-def evaluate_arc(model_path: Path, data_dir: Path, out: Path, *flags: str) -> tuple[dict, list[list[float]]]:
-    """Run the runner on arc_easy_local; its results.json and each doc's choice log-likelihoods."""
-    assert run("--model_path", str(model_path), "--tasks", "arc_easy_local", "--data_dir", str(data_dir),
-               "--limit", str(LIMIT), "--log_samples", "--output_path", str(out), *flags) == 0
-    samples = [json.loads(line) for line in (out / "samples_arc_easy_local.jsonl").read_text().splitlines()]
-    samples.sort(key=lambda r: r["doc_id"])
-    return json.loads((out / "results.json").read_text()), [[ll for ll, _ in r["filtered_resps"]] for r in samples]
+@pytest.fixture(scope="module")
+def skipping_ckpt(tmp_path_factory, tokenizer_dir) -> Path:
+    return save_model(tiny_mixtral_config(betas=BETAS), tmp_path_factory.mktemp("ckpt") / "skipping", tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def skipping_reference(skipping_ckpt, arc_dir) -> dict:
+    """The skipping checkpoint's choice log-likelihoods (skipping on and off), accuracies, and the tokens and
+    skipped expert slots of those forward passes, computed here one (context, choice) pair at a time."""
+    from model import load_model
+
+    model, tokenizer = load_model(str(skipping_ckpt), device="cpu")
+    docs = arc_docs(arc_dir)
+    lls, tokens = arc_loglikelihoods(model, tokenizer, docs)
+    stats = model.dynamic_skipping.stats()
+    model.dynamic_skipping.disable()
+    dense, _ = arc_loglikelihoods(model, tokenizer, docs)
+    # Skipping moves the scores by more than TOL, so matching `lls` tells a skipping run from a dense one.
+    assert max(abs(a - b) for r, d in zip(lls, dense) for a, b in zip(r, d)) > 10 * TOL
+    assert stats["tokens"] == N_LAYERS * tokens and 0 < stats["skipped"] < stats["tokens"]
+    return {"lls": lls, "dense_lls": dense, "acc": accuracies(docs, lls), "dense_acc": accuracies(docs, dense),
+            "tokens": N_LAYERS * tokens, "skipped": stats["skipped"]}
+
+
+def assert_arc(results: dict, lls: list[list[float]], expected_lls: list[list[float]], acc: tuple[float, float]):
+    assert lls == [pytest.approx(ll, abs=TOL) for ll in expected_lls]
+    metrics = results["results"]["arc_easy_local"]
+    assert (metrics["acc,none"], metrics["acc_norm,none"]) == pytest.approx(acc)
+    assert results["n-samples"]["arc_easy_local"]["effective"] == LIMIT
+    assert results["n-shot"]["arc_easy_local"] == 0
+
+
+def assert_skip_counts(report: dict, ref: dict, processes: int = 1):
+    assert report["enabled"] is True and report["betas"] == BETAS
+    # Every token of every request went through both layers' skipping router hooks (batch size 1: no padding),
+    # on whichever process ran it.
+    assert (report["tokens"], report["skipped"]) == (ref["tokens"], ref["skipped"])
+    assert report["skip_rate"] == pytest.approx(ref["skipped"] / ref["tokens"])
+    assert sum(layer["tokens"] for layer in report["layers"].values()) == ref["tokens"]
+    assert len(report["processes"]) == processes
+    assert sum(p["skipped"] for p in report["processes"]) == ref["skipped"]
+    assert all(p["tokens"] > 0 for p in report["processes"])
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-def test_arc_accuracy_equals_the_models_own_loglikelihoods(tiny_mixtral, arc_dir, tmp_path):
+def test_stock_cli_reads_the_written_tasks(tiny_mixtral, arc_dir, written_tasks, tmp_path, monkeypatch):
+    """`lm_eval --model hf --include_path <what python -m eval.tasks wrote>`: the stock CLI, unchanged."""
     from model import load_model
 
-    results, runner_lls = evaluate_arc(tiny_mixtral, arc_dir, tmp_path / "out")
+    out = tmp_path / "out"
+    stock_cli(monkeypatch, "--model", "hf", "--model_args", f"pretrained={tiny_mixtral}",
+              "--include_path", str(written_tasks), *arc_flags(out))
+    results, cli_lls = read_outputs(out)
     model, tokenizer = load_model(str(tiny_mixtral), device="cpu")
     docs = arc_docs(arc_dir)
     lls, _ = arc_loglikelihoods(model, tokenizer, docs)
-    assert runner_lls == [pytest.approx(ll, abs=TOL) for ll in lls]
-    acc, acc_norm = accuracies(docs, lls)
-    metrics = results["results"]["arc_easy_local"]
-    assert metrics["acc,none"] == pytest.approx(acc)
-    assert metrics["acc_norm,none"] == pytest.approx(acc_norm)
-    assert results["n-samples"]["arc_easy_local"]["effective"] == LIMIT
-    assert results["n-shot"]["arc_easy_local"] == 0
-    assert "dynamic_skipping" not in results
-    table = (tmp_path / "out" / "results.md").read_text()
-    assert "arc_easy_local" in table and "acc_norm" in table and "±" in table
+    assert_arc(results, cli_lls, lls, accuracies(docs, lls))
+    assert str(arc_dir / "arc_easy_test.jsonl") in json.dumps(results["configs"]["arc_easy_local"]["dataset_kwargs"])
+    assert "dynamic_skipping" not in results["config"]
 
 
-def test_skipping_checkpoint_is_evaluated_with_skipping(tokenizer_dir, arc_dir, tmp_path):
+def test_moe_skip_through_the_stock_cli(skipping_ckpt, skipping_reference, written_tasks, tmp_path, monkeypatch):
+    """`--model moe-skip` in lm-eval's own CLI (registered by importing eval.lm_eval_model) evaluates WITH
+    skipping: the same log-likelihoods, accuracies and skip counts as the model computes here, and the same
+    accuracies and counts as lm-eval on the in-memory model from `load_model` (the way before the registry)."""
+    import eval.lm_eval_model  # noqa: F401  (registers moe-skip)
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     from model import load_model
 
-    path = save_model(tiny_mixtral_config(betas={"0": 0.5, "1": 0.5}), tmp_path / "skipping", tokenizer_dir)
-    results, runner_lls = evaluate_arc(path, arc_dir, tmp_path / "out")
-    model, tokenizer = load_model(str(path), device="cpu")
-    assert model.dynamic_skipping is not None
-    docs = arc_docs(arc_dir)
-    lls, tokens = arc_loglikelihoods(model, tokenizer, docs)
-    assert runner_lls == [pytest.approx(ll, abs=TOL) for ll in lls]
-    # Skipping moves the scores by more than TOL, so the check above tells a skipping run from a dense one.
-    model.dynamic_skipping.disable()
-    dense_lls, _ = arc_loglikelihoods(model, tokenizer, docs)
-    assert max(abs(a - b) for r, d in zip(runner_lls, dense_lls) for a, b in zip(r, d)) > 10 * TOL
-    acc, acc_norm = accuracies(docs, lls)
-    assert results["results"]["arc_easy_local"]["acc,none"] == pytest.approx(acc)
-    assert results["results"]["arc_easy_local"]["acc_norm,none"] == pytest.approx(acc_norm)
-    skipping = results["dynamic_skipping"]
-    assert skipping["betas"] == {"0": 0.5, "1": 0.5}
-    # Every token of every request went through both layers' skipping router hooks (batch size 1: no padding).
-    assert skipping["tokens"] == 2 * tokens
-    assert 0 < skipping["skip_rate"] < 1
-    assert "Dynamic skipping on" in (tmp_path / "out" / "results.md").read_text()
-
-
-def test_no_skipping_flag(tokenizer_dir, arc_dir, tmp_path):
-    path = save_model(tiny_mixtral_config(betas={"0": 0.5, "1": 0.5}), tmp_path / "skipping", tokenizer_dir)
     out = tmp_path / "out"
-    assert run("--model_path", str(path), "--tasks", "arc_easy_local", "--data_dir", str(arc_dir),
-               "--limit", "2", "--no_skipping", "--output_path", str(out)) == 0
-    assert "dynamic_skipping" not in json.loads((out / "results.json").read_text())
+    stock_cli(monkeypatch, "--model", "moe-skip", "--model_args", f"pretrained={skipping_ckpt}",
+              "--include_path", str(written_tasks), *arc_flags(out))
+    results, cli_lls = read_outputs(out)
+    ref = skipping_reference
+    assert_arc(results, cli_lls, ref["lls"], ref["acc"])
+    assert_skip_counts(results["config"]["dynamic_skipping"], ref)
+
+    model, tokenizer = load_model(str(skipping_ckpt), device="cpu")
+    in_memory = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1), tasks=["arc_easy_local"], limit=LIMIT,
+        task_manager=TaskManager(include_path=str(written_tasks), include_defaults=False))
+    metrics = in_memory["results"]["arc_easy_local"]
+    assert (metrics["acc,none"], metrics["acc_norm,none"]) == pytest.approx(ref["acc"])
+    assert (model.dynamic_skipping.stats()["tokens"], model.dynamic_skipping.stats()["skipped"]) == \
+        (ref["tokens"], ref["skipped"])
+
+
+def test_runner_shorthand_and_skipping_off(skipping_ckpt, skipping_reference, arc_dir, tmp_path):
+    """eval/run_lm_eval.py: --model_path and --data_dir; `skipping=False` evaluates the dense model."""
+    out = tmp_path / "out"
+    assert run("--model_path", str(skipping_ckpt), "--data_dir", str(arc_dir), "--model_args", "skipping=False",
+               *arc_flags(out)) == 0
+    results, runner_lls = read_outputs(out)
+    assert_arc(results, runner_lls, skipping_reference["dense_lls"], skipping_reference["dense_acc"])
+    assert results["config"]["model"] == "moe-skip"
+    assert results["config"]["dynamic_skipping"] == {"enabled": False, "betas": BETAS}
+
+
+def test_data_parallel_equals_one_process(skipping_ckpt, skipping_reference, arc_dir, tmp_path):
+    """Two processes (lm-eval's data parallelism, on the CPU through gloo): each evaluates half the documents,
+    lm-eval pads the shorter one with copies of its last request, and the skip counters of both are gathered.
+    The accuracies, log-likelihoods and counts are still those of the model computed here in one process."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tests" / "lm_eval_dp_entry.py"), "--model_path", str(skipping_ckpt), "--data_dir", str(arc_dir),
+         "--device", "cpu", "--batch_size", "1", *arc_flags(out)],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results, lls = read_outputs(out)
+    assert_arc(results, lls, skipping_reference["lls"], skipping_reference["acc"])
+    assert_skip_counts(results["config"]["dynamic_skipping"], skipping_reference, processes=2)
 
 
 def test_include_path_task(tiny_mixtral, arc_dir, tmp_path):
     """A user's own task YAML under --include_path runs (here: ARC-Easy again, under another name)."""
     include = tmp_path / "my_tasks"
     include.mkdir()
-    text = (run_lm_eval.TASKS_DIR / "arc_easy_local.yaml").read_text()
+    text = (bundled.TASKS_DIR / "arc_easy_local.yaml").read_text()
     (include / "my_arc.yaml").write_text(
-        text.replace("task: arc_easy_local", "task: my_arc").replace(run_lm_eval.PLACEHOLDER, str(arc_dir)))
+        text.replace("task: arc_easy_local", "task: my_arc").replace(bundled.PLACEHOLDER, str(arc_dir)))
     out = tmp_path / "out"
     assert run("--model_path", str(tiny_mixtral), "--tasks", "my_arc", "--include_path", str(include),
                "--limit", "2", "--output_path", str(out)) == 0
-    assert "my_arc" in json.loads((out / "results.json").read_text())["results"]
+    (results,) = out.glob("*/results_*.json")
+    assert "my_arc" in json.loads(results.read_text())["results"]
+
+
+# ---- the resolved task files --------------------------------------------------------------------
+def test_written_tasks_hold_the_data_folder(written_tasks, arc_dir):
+    names = sorted(p.stem for p in written_tasks.glob("*.yaml"))
+    assert names == sorted(STOCK)
+    assert (written_tasks / "hellaswag_local_utils.py").is_file()
+    for path in written_tasks.glob("*.yaml"):
+        text = path.read_text()
+        assert bundled.PLACEHOLDER not in text
+        for name in bundled.local_tasks()[path.stem]:
+            assert f'"{arc_dir / name}"' in text
+
+
+def test_task_writer_missing_data_folder(tmp_path, capsys):
+    assert write_tasks.main(["--data_dir", str(tmp_path / "no_data"), "--write", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"python -m eval.tasks: error: data folder {tmp_path / 'no_data'} (from --data_dir) does not "
+                   f"exist: pass --data_dir DIR or set {bundled.DATA_ENV}")
+    assert not (tmp_path / "t").exists()
+
+
+def test_task_writer_names_a_missing_file_and_the_right_folder(tmp_path, capsys):
+    """The shared data root instead of its eval/ folder: the error says which folder holds the files."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "boolq_validation.jsonl").write_text("")
+    assert write_tasks.main(["--data_dir", str(tmp_path), "--write", str(tmp_path / "t"), "--tasks",
+                             "boolq_local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"needs {tmp_path / 'boolq_validation.jsonl'}, which is missing ({tmp_path / 'eval'}" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tasks", "arc_easy_local,nope"], "--tasks 'arc_easy_local,nope': unknown nope; local tasks: "),
+    (["--tasks", ","], "--tasks ',': empty; local tasks: "),
+])
+def test_task_writer_bad_task_names(argv, needle, tmp_path, capsys):
+    assert write_tasks.main(["--write", str(tmp_path / "t"), *argv]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_task_writer_target_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert write_tasks.main(["--write", str(tmp_path / "f")]) == 2
+    assert f"--write {tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -176,18 +314,18 @@ def test_unknown_task_exits_2_with_one_line(tmp_path):
 @pytest.mark.parametrize("how", ["flag", "env", "default"])
 def test_missing_data_folder(how, tmp_path, monkeypatch, capsys):
     missing = tmp_path / "no_data"
-    monkeypatch.delenv(run_lm_eval.DATA_ENV, raising=False)
+    monkeypatch.delenv(bundled.DATA_ENV, raising=False)
     argv = ["--model_path", "unused", "--tasks", "arc_easy_local", "--output_path", str(tmp_path / "out")]
     if how == "flag":
         argv += ["--data_dir", str(missing)]
     elif how == "env":
-        monkeypatch.setenv(run_lm_eval.DATA_ENV, str(missing))
+        monkeypatch.setenv(bundled.DATA_ENV, str(missing))
     else:
-        monkeypatch.setattr(run_lm_eval, "DEFAULT_DATA_DIR", missing)
+        monkeypatch.setattr(bundled, "DEFAULT_DATA_DIR", missing)
     assert run(*argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(missing) in err
-    assert "--data_dir" in err and run_lm_eval.DATA_ENV in err
+    assert "--data_dir" in err and bundled.DATA_ENV in err
     assert not (tmp_path / "out").exists()
 
 
@@ -227,6 +365,17 @@ def test_missing_model_path(tmp_path, capsys, make, needle):
     assert not (tmp_path / "out").exists()
 
 
+def test_config_file_values_are_checked(tmp_path, capsys):
+    """lm-eval's --config YAML supplies what the command line leaves out; those values get the same checks."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_args: pretrained={tmp_path / 'no_model'}\ntasks: arc_easy_local\n")
+    assert run("--config", str(config), "--data_dir", str(empty_arc_data(tmp_path)),
+               "--output_path", str(tmp_path / "out")) == 2
+    assert "no_model: no such folder" in one_line_error(capsys)
+    assert run("--config", str(tmp_path / "missing.yaml"), "--tasks", "arc_easy_local") == 2
+    assert f"--config {tmp_path / 'missing.yaml'}: Config file not found" in one_line_error(capsys)
+
+
 def test_output_path_that_is_a_file(tmp_path, capsys):
     """Found before the task index and the model load, not when the results are written."""
     out = tmp_path / "results"
@@ -263,7 +412,7 @@ def test_task_yaml_that_does_not_parse_in_include_path(tmp_path, capsys):
 def test_task_yaml_that_does_not_parse_in_the_task_folder(tmp_path, capsys, monkeypatch):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    for src in run_lm_eval.TASKS_DIR.iterdir():
+    for src in bundled.TASKS_DIR.iterdir():
         if src.suffix in (".yaml", ".py"):
             (tasks / src.name).write_text(src.read_text())
     (tasks / "boolq_local.yaml").write_text(BROKEN_YAML)
@@ -275,7 +424,7 @@ def test_task_yaml_that_does_not_parse_in_the_task_folder(tmp_path, capsys, monk
 
 def test_task_yamls_with_tags_parse():
     """The check accepts lm-eval's own tags (`!function`): every stock task YAML passes it."""
-    run_lm_eval.check_task_files([run_lm_eval.TASKS_DIR, STOCK_TASKS / "hellaswag", STOCK_TASKS / "gsm8k"])
+    bundled.check_task_files([bundled.TASKS_DIR, STOCK_TASKS / "hellaswag", STOCK_TASKS / "gsm8k"])
 
 
 # ---- the task files -----------------------------------------------------------------------------
@@ -296,7 +445,7 @@ def _load_task_yaml(path: Path) -> dict:
 
 @pytest.mark.parametrize("task", sorted(STOCK))
 def test_local_task_keeps_the_stock_settings(task):
-    local = _load_task_yaml(run_lm_eval.TASKS_DIR / f"{task}.yaml")
+    local = _load_task_yaml(bundled.TASKS_DIR / f"{task}.yaml")
     stock = _load_task_yaml(STOCK_TASKS / STOCK[task])
     assert local["task"] == task  # the runner names local tasks by their file names
     assert local["dataset_path"] == "json"
@@ -305,13 +454,28 @@ def test_local_task_keeps_the_stock_settings(task):
 
 
 def test_every_local_task_is_checked():
-    assert set(run_lm_eval.local_tasks()) == set(STOCK)
+    assert set(bundled.local_tasks()) == set(STOCK)
 
 
 def test_help_documents_every_flag():
+    """Its own flags, then lm-eval's `run` flags (all of which it takes)."""
     proc = subprocess.run([sys.executable, str(REPO / "eval" / "run_lm_eval.py"), "--help"],
                           capture_output=True, text=True)
-    assert proc.returncode == 0
-    for flag in ("--model_path", "--tasks", "--output_path", "--data_dir", "--include_path", "--num_fewshot",
-                 "--batch_size", "--limit", "--seed", "--device", "--dtype", "--no_skipping", "arc_easy_local"):
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--model_path", "--data_dir", "moe-skip", "skipping=False", "arc_easy_local",  # ours
+                 "--model", "--model_args", "--tasks", "--output_path", "--include_path", "--num_fewshot",
+                 "--batch_size", "--limit", "--seed", "--device", "--log_samples", "--gen_kwargs"):  # lm-eval's
         assert flag in proc.stdout
+
+
+def test_batch_size_search_is_not_counted(skipping_ckpt):
+    """`--batch_size auto` runs trial batches of dummy tokens through the (skipping) model: not counted."""
+    from eval.lm_eval_model import MoESkipLM
+
+    lm = MoESkipLM(pretrained=str(skipping_ckpt), device="cpu", batch_size="auto", max_batch_size=4, max_length=64)
+    assert lm.skipping
+    assert lm._detect_batch_size() == 4
+    assert lm.dynamic_skipping.stats()["tokens"] == 0
+    with torch.no_grad():  # while a forward pass outside the search is
+        lm.model(torch.tensor([[1, 5, 7]]))
+    assert lm.dynamic_skipping.stats()["tokens"] == N_LAYERS * 3

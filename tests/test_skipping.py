@@ -112,6 +112,23 @@ def test_skipping_equals_paper_block(model_dir, impl, beta):
     assert stats["skip_rate"] == pytest.approx(sum(skipped) / (2 * x.numel()))
 
 
+def test_uncounted_block_skips_but_leaves_the_counters(model_dir):
+    """`uncounted()` (trial batches of lm-eval's batch-size search): the same logits as counted passes, and the
+    counters as they were before the block, also for a device first seen inside it."""
+    x, y = ids(seed=0), ids(seed=1)
+    model = fresh(model_dir, "eager")
+    with DynamicSkipping(model, {"0": 0.5, "1": 0.5}) as skip, torch.no_grad():
+        with skip.uncounted():  # nothing counted yet: the counters are created inside
+            first = model(x).logits
+        assert (skip.stats()["tokens"], skip.stats()["skipped"]) == (0, 0)
+        torch.testing.assert_close(model(x).logits, first, rtol=0, atol=0)
+        before = skip.stats()
+        assert before["tokens"] == 2 * x.numel() and before["skipped"] > 0
+        with skip.uncounted():
+            model(y)
+        assert skip.stats() == before
+
+
 class CountExpertRows(TorchFunctionMode):
     """Counts the token rows fed to expert up-projections (F.linear with a (2I, H) weight)."""
 
