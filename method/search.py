@@ -39,9 +39,16 @@ import torch
 
 from model.profiling import phase
 
-# Work sizes: bound memory whatever the model and calibration size.
-_BYTES_PER_CHUNK = 1 << 30  # expert outputs of one token chunk, at 8 bytes per value
-_ROUTE_ELEMENTS = 1 << 24  # candidates x tokens x experts routed at once
+# Work sizes: bound memory whatever the model and calibration size. On a GPU they are larger, so that each
+# kernel has enough work for the Python that launches it (the beam search's scoring passes launch a few dozen
+# kernels per candidate chunk) and the experts' GEMMs see enough tokens per expert; they change no result but
+# the order in which float64 sums over token chunks are added.
+_BYTES_PER_CHUNK = {"cpu": 1 << 30, "cuda": 1 << 32}  # expert outputs of one token chunk, at 8 bytes per value
+_ROUTE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}  # candidates x tokens x experts routed at once
+
+
+def _work_size(sizes: dict, device: torch.device) -> int:
+    return sizes.get(device.type, sizes["cpu"])
 
 
 def drop_sets(n_experts: int, r: int, groups: list[list[int]] | None = None) -> list[tuple[int, ...]]:
@@ -123,26 +130,30 @@ def gram_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 
 def stats_bytes_per_token(n_experts: int, n_slots: int, top_k: int, model_dtype: torch.dtype,
-                          logits_dtype: torch.dtype, original_routing: bool = True) -> int:
+                          logits_dtype: torch.dtype, original_routing: bool = True,
+                          weights_dtype: torch.dtype = torch.float32) -> int:
     """Bytes of the beam search's statistics per calibration token (`BeamSearch`): with E experts, M computed
     slots per token (n_drop + top_k without routing groups, n_group * min(group size, n_drop / n_group + top_k)
-    with them, plus the rare router ties), g = 4 for bfloat16/float16 models (8 for float32) and l the router
-    logits' element size:
+    with them, plus the rare router ties), g = 4 for bfloat16/float16 models (8 for float32), l the router
+    logits' element size and w the routing weights' (4: float32 for most routers; Qwen-MoE's are in the model
+    dtype):
 
         M (M + 1) / 2 * g     Gram matrix, upper triangle
       + 8 M + 8               <target, y_m> and <target, target>, float64
       + 2 E                   slot of each expert, int16
       + l E                   router logits
-      + k (2 + 4)             the original routing (int16 slots, float32 weights), when it is the target
+      + k (2 + w)             the original routing (int16 slots, weights), when it is the target
 
-    E.g. DeepSeek-V3 (E = 256, top-8, 8 groups) at r = 128: M = 192, 76.7 kB per token, 20.1 GB at 128 x 2048
-    tokens (it was 78 GB with full float64 Gram matrices and int64 slots); Qwen3-235B-A22B (E = 128, top-8) at
-    r = 64: M = 72, 11.6 kB per token, 3.0 GB.
+    E.g. DeepSeek-V3 (E = 256, top-8, 8 groups, float32 router logits) at r = 128: M = 192, 77.2 kB per token,
+    20.2 GB at 128 x 2048 tokens (78.5 GB with the full float64 Gram matrices and int64 slots this replaced);
+    Qwen3-235B-A22B (E = 128, top-8, bfloat16 logits and weights) at r = 64: M = 72, 11.6 kB per token, 3.05 GB.
     """
-    g = torch.empty(0, dtype=gram_dtype(model_dtype)).element_size()
-    lb = torch.empty(0, dtype=logits_dtype).element_size()
+    def size(dtype):
+        return torch.empty(0, dtype=dtype).element_size()
+
     m = n_slots
-    return m * (m + 1) // 2 * g + 8 * m + 8 + 2 * n_experts + lb * n_experts + (top_k * 6 if original_routing else 0)
+    return (m * (m + 1) // 2 * size(gram_dtype(model_dtype)) + 8 * m + 8 + 2 * n_experts
+            + size(logits_dtype) * n_experts + (top_k * (2 + size(weights_dtype)) if original_routing else 0))
 
 
 def packed_index(a: torch.Tensor, b: torch.Tensor, n_slots: int) -> torch.Tensor:
@@ -330,14 +341,18 @@ class _LayerSearch:
         weight, idx = self.moe.route(logits)  # (T, k): the unpruned block's routing
         return (weight, idx), needed.scatter(1, idx, True)
 
+    def _device(self) -> torch.device:
+        return next(self.block.parameters()).device  # the compute device, where the layer is
+
     def _token_chunks(self, n_tok: int, hidden: int, slots: int):
         """Token slices whose expert outputs (`slots` per token, float64) fit in _BYTES_PER_CHUNK."""
-        step = max(1, min(n_tok, _BYTES_PER_CHUNK // (max(1, slots) * hidden * 8)))
+        size = _work_size(_BYTES_PER_CHUNK, self._device())
+        step = max(1, min(n_tok, size // (max(1, slots) * hidden * 8)))
         for t0 in range(0, n_tok, step):
             yield slice(t0, min(n_tok, t0 + step))
 
     def _candidate_chunks(self, n_tok: int, n_cand: int):
-        step = max(1, _ROUTE_ELEMENTS // max(1, n_tok * self.n))
+        step = max(1, _work_size(_ROUTE_ELEMENTS, self._device()) // max(1, n_tok * self.n))
         for c0 in range(0, n_cand, step):
             yield slice(c0, min(n_cand, c0 + step))
 
@@ -501,7 +516,7 @@ class BeamSearch(_LayerSearch):
     Every candidate is scored with the exact objective L(D) on all calibration tokens.
 
     Memory. The statistics take `stats_bytes_per_token` bytes per calibration token (for DeepSeek-V3 at
-    r = 128 and 128 x 2048 tokens, 20 GB), all of which every scoring pass reads. They are kept on the
+    r = 128 and 128 x 2048 tokens, 20.2 GB), all of which every scoring pass reads. They are kept on the
     compute device up to `stats_budget` bytes, one calibration batch at a time in calibration order; the
     batches beyond it are kept in host memory (page-locked on a GPU) and copied to the device for every
     scoring pass, the next one while the current one is scored. On the device, the search holds at most
@@ -594,7 +609,7 @@ class BeamSearch(_LayerSearch):
     @torch.no_grad()
     def losses(self, drops: list[tuple[int, ...]]) -> list[float]:
         """L(D) of each drop set (all of the same size), over every stored calibration batch."""
-        device = next(self.block.parameters()).device  # the compute device
+        device = self._device()
         kept = kept_tensor(self.n, drops, device)
         balanced = self._balanced(kept)
         missing = torch.zeros((), dtype=torch.bool, device=device)
