@@ -223,3 +223,27 @@ def test_budget_flags_are_checked(tiny_mixtral, c4_path, tmp_path, capsys):
         assert main.main(args) == 2
         assert f"{flag} must be a number of GiB >= 0, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_benchmark_search_runs_the_deepseek_v3_preset_shrunk(tmp_path):
+    """scripts/benchmark_search.py on the deepseek-v3 preset (its dense first layers made MoE layers), shrunk to a
+    CPU size: a beam search with every batch's statistics in host memory, its memory and phases in the JSON."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("benchmark_search", REPO / "scripts" / "benchmark_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shrink = ["hidden_size=64", "intermediate_size=64", "moe_intermediate_size=32", "num_attention_heads=4",
+              "num_key_value_heads=4", "q_lora_rank=32", "kv_lora_rank=16", "qk_nope_head_dim=8", "qk_rope_head_dim=8",
+              "head_dim=8", "v_head_dim=8", "vocab_size=512", "n_routed_experts=32"]
+    out = tmp_path / "bench.json"
+    assert bench.main(["--preset", "deepseek-v3", "--layers", "1", *[a for s in shrink for a in ("--set", s)],
+                       "--n_blocks", "4", "--block_size", "32", "--batch_size", "2", "--r", "24", "--device", "cpu",
+                       "--profile", "--stats_budget_gib", "0", "--output", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    layer = run["layers"]["0"]
+    assert layer["search"] == "beam" and len(layer["dropped_experts"]) == 8
+    assert layer["statistics_memory"]["batches_on_host"] == layer["statistics_memory"]["batches"] == 2
+    assert run["timing"]["layers"]["0"]["phases_s"]["search"] > 0
