@@ -31,13 +31,17 @@ original model's output: Z is then that output, as in the paper (`add_batch(x, t
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from model.profiling import phase
+
+logger = logging.getLogger(__name__)
 
 # Work sizes: bound memory whatever the model and calibration size. On a GPU they are larger, so that each
 # kernel has enough work for the Python that launches it (the beam search's scoring passes launch a few dozen
@@ -643,12 +647,15 @@ class BeamSearch(_LayerSearch):
         trace = []
         beam: list[tuple[int, ...]] = [()]
         ranked = [(0.0, ())]
-        for _ in range(n_drop):
+        start = time.perf_counter()
+        for step in range(n_drop):
             cands = sorted({tuple(sorted(d + (e,))) for d in beam for e in range(self.n) if e not in d
                             and (owner is None or sum(owner[x] == owner[e] for x in d) < per_group)})
             ranked = self._ranked(cands)
             beam = [d for _, d in ranked[: self.beam_width]]
             trace.append({"dropped": len(beam[0]), "best_loss": ranked[0][0], "n_candidates": len(cands)})
+            logger.debug("beam step %d/%d: %d candidates, best loss %.6g, %d scored in %.1f s", step + 1, n_drop,
+                         len(cands), ranked[0][0], self.n_evaluated, time.perf_counter() - start)
         best_loss, best = ranked[0]
         finalists = dict((d, l) for l, d in ranked[: self.beam_width])
         rounds = 0

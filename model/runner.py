@@ -4,16 +4,20 @@ The inputs of the decoder layers are captured once: the first layer's hidden sta
 every layer's own keyword inputs (attention masks differ between sliding-window and full
 attention layers, e.g. GPT-OSS, Qwen2-MoE), by running the model with each layer's forward
 temporarily replaced by a recording identity. Then each decoder layer in turn is moved to
-the compute device, run on every calibration batch, and moved back. Host memory holds one
-set of hidden states (batches x tokens x hidden) instead of every layer's activations, and
-the GPU holds one layer at a time, so a model larger than the GPU is calibrated on one GPU.
-(The pattern of sparsegpt's `*_sequential` and llm-compressor's sequential pipeline.)
+the compute device, run on every calibration batch, and moved back. One set of hidden states
+(batches x tokens x hidden) is kept instead of every layer's activations (a method holds two or
+three such sets: the layer's inputs, its outputs, the pruned model's), on the GPU when they fit in
+the states budget, else in page-locked host memory with the copies overlapped; the GPU holds one
+layer at a time, so a model larger than the GPU is calibrated on one GPU. (The pattern of
+sparsegpt's `*_sequential` and llm-compressor's sequential pipeline.)
 
 Resume: with a `LayerJournal`, each finished layer's result (its decisions, losses, betas) is
 written to disk when the method records it, and a method asks `runner.recorded(idx)` before
 working on a layer. A killed run restarted with the same command gets its finished layers'
 results back and only runs their forwards again (with their recorded decisions, no search) to
-rebuild the hidden states entering the next layer. States are not stored: one forward per
+rebuild the hidden states entering the next layer; where the method's forward takes the MoE output from
+its search's expert outputs (method/pruning.py: scored_forward), the replay computes those same expert
+outputs, without scoring, so that the states are the same bits. States are not stored: one forward per
 finished layer is far cheaper than writing every layer's states (2-4 GiB for Mixtral-8x7B
 at the paper's 128 x 2048 tokens) to disk, and re-running the same kernels on the same inputs
 gives the same states, so the resumed run ends exactly as an uninterrupted one would.

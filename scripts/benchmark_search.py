@@ -35,6 +35,7 @@ import argparse
 import copy
 import itertools
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON file for all measurements")
     args = p.parse_args(argv)
+    # the runner's per-layer times and the beam search's steps, as they happen (a long search shows its progress)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("method.search").setLevel(logging.DEBUG)
 
     device = torch.device(args.device)
     overrides = {"num_hidden_layers": args.layers}
