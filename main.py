@@ -54,6 +54,7 @@ from model.card import (INFO_FILE, add_original_numbering, input_license, model_
                         summary_table)
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.loading import DTYPES  # noqa: E402
+from model.profiling import Profile, profiling  # noqa: E402
 from model.runner import LayerJournal, journaling  # noqa: E402
 from model.streaming import LayerStream, NotStreamable  # noqa: E402
 
@@ -114,6 +115,18 @@ class RunConfig:
              "(docs/streaming.md)")
     max_shard_size: str = _setting("5GB", "largest weight file of the result, e.g. 5GB or 500MB; a streamed run "
                                           "holds at most one such shard of finished layers in host memory")
+    states_budget_gib: float | None = _setting(
+        None, "GiB of GPU memory for the calibration states (each batch's hidden states entering the current "
+              "layer); when they do not fit they stay in page-locked host memory, each batch copied to the GPU "
+              "while the previous one computes (default: a quarter of the GPU's memory)")
+    stats_budget_gib: float | None = _setting(
+        None, "GiB of GPU memory for the beam search's per-token statistics; the calibration batches beyond it "
+              "keep theirs in page-locked host memory, copied to the GPU for every scoring pass, overlapped "
+              "with it (default: a quarter of the GPU's memory; bytes per token: docs/benchmarks.md)")
+    profile: bool = _setting(False, "split each layer's time into phases (load, transfer, forward, expert outputs, "
+                                    "statistics, search, save), synchronising the GPU at every phase boundary; "
+                                    "logged and recorded under `timing` in pruning_info.json (per-layer totals "
+                                    "are recorded in any case)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +194,9 @@ def check_args(cfg: RunConfig) -> None:
         raise UsageError("--beam_width and --exhaustive_limit must be >= 1 and --swap_rounds >= 0")
     if cfg.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0, got {cfg.num_workers}")
+    for flag in ("states_budget_gib", "stats_budget_gib"):
+        if getattr(cfg, flag) is not None and not getattr(cfg, flag) >= 0:
+            raise UsageError(f"--{flag} must be a number of GiB >= 0, got {getattr(cfg, flag)}")
     if not 0 <= cfg.seed < 2**32:  # numpy's and torch's seed range (transformers.set_seed seeds both)
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
     try:
@@ -334,9 +350,11 @@ def run_settings(cfg: RunConfig, model_dir: Path | None, calib_file: Path | None
         return {"path": str(path.resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
                                                       for p in listed]}
 
-    # How the model is loaded and the result sharded does not change the result's tensors: not part of the key.
+    # How the model is loaded, where the work is kept, what is timed and how the result is sharded do not change
+    # the result's tensors: not part of the key.
     settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("output_path", "num_workers", "load", "max_shard_size")}
+                if k not in ("output_path", "num_workers", "load", "max_shard_size", "states_budget_gib",
+                             "stats_budget_gib", "profile")}
     settings["model_path"] = files(model_dir) if model_dir is not None else cfg.model_path
     settings["calib_path"] = files(calib_file) if calib_file is not None else None
     settings["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -590,8 +608,9 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
             reset_peak_memory(device)
 
             # finished layers are recorded in the journal and replayed on a rerun; a streamed layer walk reads and
-            # writes the layers
-            with journaling(staging.journal), (stream if stream is not None else nullcontext()):
+            # writes the layers; the runner times every layer (phases with --profile)
+            profile = Profile(device, phases=cfg.profile)
+            with journaling(staging.journal), profiling(profile), (stream if stream is not None else nullcontext()):
                 model, info = METHODS[cfg.method](model, make_loader(blocks, cfg.batch_size, cfg.num_workers), cfg)
 
             record = {
@@ -602,6 +621,7 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
                             {"mode": "in_memory", "reason": in_memory_why}),
                 **info,
                 "wall_time_s": time.time() - start,
+                "timing": profile.report(),
                 **peak_memory(device),
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             }

@@ -67,6 +67,18 @@ PRESETS = {
                                         num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
                                         head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
                                         vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6)),
+    "qwen3-235b-a22b": ("qwen3_moe", dict(hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                                          num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4,
+                                          head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                          vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6)),
+    # DeepSeek-V3's shape without its YaRN rope scaling (positions beyond 4096 do not matter here).
+    "deepseek-v3": ("deepseek_v3", dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                                        num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128,
+                                        num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1,
+                                        num_experts_per_tok=8, n_group=8, topk_group=4, norm_topk_prob=True,
+                                        routed_scaling_factor=2.5, q_lora_rank=1536, kv_lora_rank=512,
+                                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                                        vocab_size=129280, max_position_embeddings=4096)),
 }
 
 

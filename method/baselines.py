@@ -28,7 +28,7 @@ import random
 
 import torch
 
-from model.runner import LayerRunner, capture_io
+from model.runner import capture_io, layer_runner
 
 from .pruning import check_r
 
@@ -136,17 +136,17 @@ class ReapScore:
 @torch.no_grad()
 def _calibrated(model, calib_loader, args, score_cls, name: str):
     blocks = check_r(model, args.r)
-    runner = LayerRunner(model, args.device)
+    runner = layer_runner(model, args)
     states = runner.capture(calib_loader)  # inputs of layer 0
     layer_scores = {}
     for idx, layer in runner.iter_layers(desc=name.replace("_", " ")):
         if idx not in blocks:
-            states = [runner.forward(layer, b) for b in states]
+            states = [runner.forward(layer, b) for b in runner.each(states)]
             continue
         adapter, block = blocks[idx]
         scorer = score_cls(adapter, block)
         new_states = []
-        for b in states:
+        for b in runner.each(states):
             with capture_io(block) as io:
                 new_states.append(runner.forward(layer, b))
             x = io["inputs"][0]

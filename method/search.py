@@ -31,15 +31,28 @@ original model's output: Z is then that output, as in the paper (`add_batch(x, t
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-# Work sizes: bound memory whatever the model and calibration size.
-_BYTES_PER_CHUNK = 1 << 30  # expert outputs of one token chunk, at 8 bytes per value
-_ROUTE_ELEMENTS = 1 << 24  # candidates x tokens x experts routed at once
+from model.profiling import phase
+
+logger = logging.getLogger(__name__)
+
+# Work sizes: bound memory whatever the model and calibration size. On a GPU they are larger, so that each
+# kernel has enough work for the Python that launches it (the beam search's scoring passes launch a few dozen
+# kernels per candidate chunk) and the experts' GEMMs see enough tokens per expert; they change no result but
+# the order in which float64 sums over token chunks are added.
+_BYTES_PER_CHUNK = {"cpu": 1 << 30, "cuda": 1 << 32}  # expert outputs of one token chunk, at 8 bytes per value
+_ROUTE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}  # candidates x tokens x experts routed at once
+
+
+def _work_size(sizes: dict, device: torch.device) -> int:
+    return sizes.get(device.type, sizes["cpu"])
 
 
 def drop_sets(n_experts: int, r: int, groups: list[list[int]] | None = None) -> list[tuple[int, ...]]:
@@ -75,14 +88,17 @@ def drop_key(drop: tuple[int, ...]) -> str:
 
 @dataclass
 class TokenStats:
-    """Inner products for one chunk of tokens (float64, but `slot` and the original routing).
+    """Inner products for a set of tokens: what scoring a candidate routing needs, per token.
 
-    slot:  (T, E) long, position of expert e in token t's computed set, -1 if not computed
-    gram:  (T, M, M) <y_m, y_n> between the computed experts' outputs of each token
-    cross: (T, M) <target, y_m>
-    z2:    (T,) <target, target>
-    orig_slot, orig_weight: (T, k) the original routing (slots, weights as the router gives them)
+    slot:  (T, E) int16, position of expert e in token t's computed set, -1 if not computed
+    gram:  (T, M(M+1)/2) <y_m, y_n> between the computed experts' outputs of each token, m <= n, packed row by
+           row (`packed_index`); float32 for bfloat16/float16 models (exactly the float32 products
+           `token_stats` computes), float64 for float32 models
+    cross: (T, M) float64 <target, y_m>
+    z2:    (T,) float64 <target, target>
+    orig_slot, orig_weight: (T, k) the original routing (int16 slots, weights as the router gives them)
            when the target is its output, else None
+    n_slots: M
     """
 
     slot: torch.Tensor
@@ -91,6 +107,64 @@ class TokenStats:
     z2: torch.Tensor
     orig_slot: torch.Tensor | None = None
     orig_weight: torch.Tensor | None = None
+
+    @property
+    def n_slots(self) -> int:
+        return self.cross.shape[-1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
+
+    def to(self, device, non_blocking: bool = False, pin_memory: bool = False) -> "TokenStats":
+        """A copy on `device` (into page-locked host memory with pin_memory)."""
+        def move(t):
+            if pin_memory:
+                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=non_blocking)
+            return t.to(device, non_blocking=non_blocking)
+        return TokenStats(**{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+
+
+def gram_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Gram matrices are computed and stored in (see `token_stats`)."""
+    return torch.float32 if model_dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
+def stats_bytes_per_token(n_experts: int, n_slots: int, top_k: int, model_dtype: torch.dtype,
+                          logits_dtype: torch.dtype, original_routing: bool = True,
+                          weights_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the beam search's statistics per calibration token (`BeamSearch`): with E experts, M computed
+    slots per token (n_drop + top_k without routing groups, n_group * min(group size, n_drop / n_group + top_k)
+    with them, plus the rare router ties), g = 4 for bfloat16/float16 models (8 for float32), l the router
+    logits' element size and w the routing weights' (4: float32 for most routers; Qwen-MoE's are in the model
+    dtype):
+
+        M (M + 1) / 2 * g     Gram matrix, upper triangle
+      + 8 M + 8               <target, y_m> and <target, target>, float64
+      + 2 E                   slot of each expert, int16
+      + l E                   router logits
+      + k (2 + w)             the original routing (int16 slots, weights), when it is the target
+
+    E.g. DeepSeek-V3 (E = 256, top-8, 8 groups, float32 router logits) at r = 128: M = 192, 77.2 kB per token,
+    20.2 GB at 128 x 2048 tokens (78.5 GB with the full float64 Gram matrices and int64 slots this replaced);
+    Qwen3-235B-A22B (E = 128, top-8, bfloat16 logits and weights) at r = 64: M = 72, 11.6 kB per token, 3.05 GB.
+    """
+    def size(dtype):
+        return torch.empty(0, dtype=dtype).element_size()
+
+    m = n_slots
+    return (m * (m + 1) // 2 * size(gram_dtype(model_dtype)) + 8 * m + 8 + 2 * n_experts
+            + size(logits_dtype) * n_experts + (top_k * (2 + size(weights_dtype)) if original_routing else 0))
+
+
+def packed_index(a: torch.Tensor, b: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Position of Gram entry (a, b) in the packed upper triangle of an M x M symmetric matrix (row-major,
+    `torch.triu_indices` order): rows before min(a, b) hold M, M - 1, ... entries."""
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    return lo * n_slots - lo * (lo - 1) // 2 + (hi - lo)
 
 
 def slots_from_mask(needed: torch.Tensor) -> torch.Tensor:
@@ -109,15 +183,37 @@ def _tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+def slot_outputs(y: torch.Tensor, token_idx: torch.Tensor, slot_idx: torch.Tensor, n_tokens: int,
+                 n_slots: int) -> torch.Tensor:
+    """(T, M, H) expert outputs by token and slot (zeros where a token has fewer computed experts), exactly the
+    values of y in `gram_dtype`."""
+    ys = torch.zeros(n_tokens, n_slots, y.shape[-1], dtype=gram_dtype(y.dtype), device=y.device)
+    ys[token_idx, slot_idx] = y.to(ys.dtype)
+    return ys
+
+
+def routed_output(ys: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    """(T, H) float64 sum_k w_k y_k of the routing (weights, expert indices), each (T, k), from the slot outputs
+    `ys`; None if it uses an expert without one."""
+    s = slot.gather(1, idx)  # (T, k)
+    if bool((s < 0).any()):
+        return None
+    rows = torch.arange(ys.shape[0], device=ys.device).unsqueeze(-1)
+    return (weight.to(torch.float64).unsqueeze(-1) * ys[rows, s].to(torch.float64)).sum(1)
+
+
 def token_stats(y: torch.Tensor, token_idx: torch.Tensor, slot_idx: torch.Tensor, n_tokens: int,
                 n_slots: int, target: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                slot: torch.Tensor) -> TokenStats:
+                slot: torch.Tensor, combine: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[TokenStats, torch.Tensor | None]:
     """Inner products of expert outputs and target.
 
     y:          (N, H) output of expert pair n on its token, in the model dtype
     token_idx:  (N,) token of pair n; slot_idx: (N,) its slot
     target:     (T, H) float64 target of the routed experts, or the original routing
                 (weights, expert indices), each (T, k), whose output over these same y is the target
+    combine:    a routing (weights, expert indices), each (T, k), whose output sum_k w_k y_k is returned too
+                (float64), or None if one of its experts' outputs is not among y
 
     The Gram matrix (the T * M^2 * H part) is computed in float64 for float32 models. For
     bfloat16/float16 models it is computed in float32 with TF32 on GPUs: the outputs have
@@ -125,42 +221,53 @@ def token_stats(y: torch.Tensor, token_idx: torch.Tensor, slot_idx: torch.Tensor
     rounds (~1e-6 relative, below the model dtype's own rounding); the rest is float64.
     """
     half = y.dtype in (torch.bfloat16, torch.float16)
-    ys = torch.zeros(n_tokens, n_slots, y.shape[-1], dtype=torch.float32 if half else torch.float64,
-                     device=y.device)
-    ys[token_idx, slot_idx] = y.to(ys.dtype)
+    ys = slot_outputs(y, token_idx, slot_idx, n_tokens, n_slots)
     with _tf32(half):
-        gram = (ys @ ys.transpose(1, 2)).to(torch.float64)  # (T, M, M)
+        gram = ys @ ys.transpose(1, 2)  # (T, M, M)
+    rows = torch.arange(n_tokens, device=gram.device).unsqueeze(-1)
+    out = None if combine is None else routed_output(ys, slot, *combine)
+    iu = torch.triu_indices(n_slots, n_slots, device=gram.device)
+    packed = gram[:, iu[0], iu[1]]
     if isinstance(target, tuple):  # target = sum_k w_k y_k: its inner products are sums of Gram entries
         weight, idx = target
         orig_slot = slot.gather(1, idx)  # (T, k)
         if bool((orig_slot < 0).any()):
             raise RuntimeError("the original routing uses an expert whose output was not computed")
-        rows = torch.arange(n_tokens, device=gram.device).unsqueeze(-1)
         w = weight.to(torch.float64)
-        cross = torch.einsum("tk,tkm->tm", w, gram[rows, orig_slot])  # (T, M)
+        cross = torch.einsum("tk,tkm->tm", w, gram[rows, orig_slot].to(torch.float64))  # (T, M)
         z2 = (w * cross.gather(1, orig_slot)).sum(-1)  # (T,)
-        return TokenStats(slot=slot, gram=gram, cross=cross, z2=z2, orig_slot=orig_slot, orig_weight=weight)
+        return TokenStats(slot=slot.to(torch.int16), gram=packed, cross=cross, z2=z2,
+                          orig_slot=orig_slot.to(torch.int16), orig_weight=weight), out
     ys = ys.to(torch.float64)
     cross = (ys @ target.unsqueeze(-1)).squeeze(-1)  # (T, M)
     z2 = (target * target).sum(-1)  # (T,)
-    return TokenStats(slot=slot, gram=gram, cross=cross, z2=z2)
+    return TokenStats(slot=slot.to(torch.int16), gram=packed, cross=cross, z2=z2), out
 
 
-def sq_errors(stats: TokenStats, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def sq_errors(stats: TokenStats, weights: torch.Tensor, indices: torch.Tensor,
+              missing: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over tokens of ||target_t - sum_k w_k y_k||^2 for each candidate routing.
 
-    weights, indices: (C, T, k) routing of C candidates on the chunk's T tokens.
+    weights, indices: (C, T, k) routing of C candidates on the T tokens of `stats`.
+    missing: a bool device scalar, set when a candidate routes a token to an expert whose output was not
+    computed (the caller checks it once, not per call: a check here would wait for the GPU every call); None:
+    checked here.
     Returns (C,) float64.
     """
     c, t, k = indices.shape
     rows = torch.arange(t, device=indices.device).view(1, t, 1)
-    s = stats.slot[rows, indices]  # (C, T, k)
-    if bool((s < 0).any()):
-        raise RuntimeError("a candidate routes a token to an expert whose output was not computed")
+    s = stats.slot[rows, indices].long()  # (C, T, k)
+    bad = (s < 0).any()
+    if missing is None:
+        if bool(bad):
+            raise RuntimeError("a candidate routes a token to an expert whose output was not computed")
+    else:
+        missing |= bad
+    s = s.clamp_min(0)
     w = weights.to(torch.float64)
     cross = stats.cross[rows, s]  # (C, T, k)
-    gram = stats.gram[rows.unsqueeze(-1), s.unsqueeze(-1), s.unsqueeze(-2)]  # (C, T, k, k)
-    err = stats.z2 - 2.0 * (w * cross).sum(-1) + torch.einsum("ctk,ctkl,ctl->ct", w, gram, w)
+    gram = stats.gram[rows.unsqueeze(-1), packed_index(s.unsqueeze(-1), s.unsqueeze(-2), stats.n_slots)]
+    err = stats.z2 - 2.0 * (w * cross).sum(-1) + torch.einsum("ctk,ctkl,ctl->ct", w, gram.to(torch.float64), w)
     if stats.orig_slot is not None:
         # The candidate routes the token as the original block did: its output is the target exactly
         # (the expansion above would leave float64 rounding of |Z_t|^2).
@@ -238,33 +345,75 @@ class _LayerSearch:
         weight, idx = self.moe.route(logits)  # (T, k): the unpruned block's routing
         return (weight, idx), needed.scatter(1, idx, True)
 
+    def _device(self) -> torch.device:
+        return next(self.block.parameters()).device  # the compute device, where the layer is
+
     def _token_chunks(self, n_tok: int, hidden: int, slots: int):
         """Token slices whose expert outputs (`slots` per token, float64) fit in _BYTES_PER_CHUNK."""
-        step = max(1, min(n_tok, _BYTES_PER_CHUNK // (max(1, slots) * hidden * 8)))
+        size = _work_size(_BYTES_PER_CHUNK, self._device())
+        step = max(1, min(n_tok, size // (max(1, slots) * hidden * 8)))
         for t0 in range(0, n_tok, step):
             yield slice(t0, min(n_tok, t0 + step))
 
     def _candidate_chunks(self, n_tok: int, n_cand: int):
-        step = max(1, _ROUTE_ELEMENTS // max(1, n_tok * self.n))
+        step = max(1, _work_size(_ROUTE_ELEMENTS, self._device()) // max(1, n_tok * self.n))
         for c0 in range(0, n_cand, step):
             yield slice(c0, min(n_cand, c0 + step))
 
-    def _stats(self, x, target, needed) -> TokenStats:
+    def _stats(self, x, target, needed, n_slots: int, combine=None,
+               score: bool = True) -> tuple[TokenStats | None, torch.Tensor | None]:
         """Each needed expert's output once, through the library's experts module, reduced to inner products.
-        target: (T, H) float64, or the original routing (see `_with_original`)."""
+        target: (T, H) float64, or the original routing (see `_with_original`); combine: see `token_stats`.
+        score=False: only the combined output, from the same expert outputs (a resumed layer's replay)."""
         slot = slots_from_mask(needed)
         token_idx, expert_idx = needed.nonzero(as_tuple=True)
-        y = self.moe.expert_outputs(x[token_idx], expert_idx)
-        return token_stats(y, token_idx, slot[token_idx, expert_idx], x.shape[0], int(needed.sum(1).max()),
-                           target, slot)
+        with phase("expert_outputs"):
+            y = self.moe.expert_outputs(x[token_idx], expert_idx)
+        with phase("statistics"):
+            if not score:
+                ys = slot_outputs(y, token_idx, slot[token_idx, expert_idx], x.shape[0], n_slots)
+                return None, None if combine is None else routed_output(ys, slot, *combine)
+            return token_stats(y, token_idx, slot[token_idx, expert_idx], x.shape[0], n_slots, target, slot,
+                               combine)
 
-    def _sq_errors(self, stats: TokenStats, logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """(C,) squared errors of candidates `kept` (C, r') summed over the chunk's tokens."""
+    def _balanced(self, kept: torch.Tensor) -> torch.Tensor | bool | None:
+        """(C,) bool on the host: whether each candidate keeps as many experts in every routing group (one bool
+        when all agree; None without groups). Candidates of both kinds are routed separately, each by its rule (`MoEAdapter.route`),
+        so that a candidate's loss does not depend on which others share its chunk."""
+        if self.groups is None:
+            return None
+        owner = torch.empty(self.n, dtype=torch.long)
+        for g, members in enumerate(self.groups):
+            owner[members] = g
+        counts = torch.nn.functional.one_hot(owner[kept.cpu()], len(self.groups)).sum(dim=-2)  # (C, n_group)
+        balanced = (counts == counts[:, :1]).all(-1)
+        return bool(balanced[0]) if bool((balanced == balanced[0]).all()) else balanced
+
+    def _sq_errors(self, stats: TokenStats, logits: torch.Tensor, kept: torch.Tensor,
+                   balanced: torch.Tensor | bool | None, missing: torch.Tensor) -> torch.Tensor:
+        """(C,) squared errors of candidates `kept` (C, r') summed over the tokens of `stats`. balanced: None
+        without routing groups, else whether each candidate is balanced ((C,) bool, or one bool for all)."""
         out = torch.empty(kept.shape[0], dtype=torch.float64, device=logits.device)
-        for sl in self._candidate_chunks(logits.shape[0], kept.shape[0]):
-            w, idx = self.moe.route(logits, kept[sl])
-            out[sl] = sq_errors(stats, w, idx)
+        if balanced is None or isinstance(balanced, bool):  # no groups, or every candidate of one kind
+            kinds = [(None, balanced)]
+        else:
+            kinds = [(torch.nonzero(balanced == b).flatten(), b) for b in (True, False) if bool((balanced == b).any())]
+        for which, is_balanced in kinds:
+            sub = kept if which is None else kept[which.to(kept.device)]
+            part = torch.empty(sub.shape[0], dtype=torch.float64, device=logits.device)
+            for sl in self._candidate_chunks(logits.shape[0], sub.shape[0]):
+                w, idx = self.moe.route(logits, sub[sl], balanced=is_balanced)
+                part[sl] = sq_errors(stats, w, idx, missing)
+            if which is None:
+                out = part
+            else:
+                out[which.to(out.device)] = part
         return out
+
+    @staticmethod
+    def _check(missing: torch.Tensor) -> None:
+        if bool(missing):
+            raise RuntimeError("a candidate routes a token to an expert whose output was not computed")
 
     def _result(self, drop: tuple[int, ...], best_loss: float, losses: dict, **extra) -> dict:
         return {
@@ -289,30 +438,72 @@ class ExhaustiveScorer(_LayerSearch):
         self.losses = torch.zeros(len(self.drops), dtype=torch.float64)
 
     @torch.no_grad()
-    def add_batch(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+    def add_batch(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                  route: tuple[torch.Tensor, torch.Tensor] | None = None, score: bool = True) -> torch.Tensor | None:
         """x: MoE input (..., H) for this batch; target: the original model's MoE output (..., H) when x
-        is not the original model's MoE input, else None (the original routing of x is the target)."""
+        is not the original model's MoE input, else None (the original routing of x is the target).
+
+        route: the block's own routing of x (weights, expert indices), each (tokens, k), as its router handed
+        them to its experts module: then the routed experts' output sum_k w_k y_k, from the expert outputs
+        computed here, is returned ((tokens, H) in x's dtype; the float64 sum rounded once), or None when one
+        of them was not computed (method/pruning.py: the layer forward reuses it instead of running the experts).
+        score=False: compute the same expert outputs and return that output, but score nothing (a resumed run
+        replays a finished layer's forward exactly so).
+        """
         x, target, logits = self._prepare(x, target)
         kept = kept_tensor(self.n, self.drops, x.device)
+        balanced = None if self.groups is None else True  # drop_sets are balanced
         sq = torch.zeros(len(self.drops), dtype=torch.float64, device=x.device)
+        missing = torch.zeros((), dtype=torch.bool, device=x.device)
+        out = None if route is None else torch.empty_like(x)
         for ts in self._token_chunks(x.shape[0], x.shape[1], self.n):  # a token may need every expert
-            sq += self._chunk(x[ts], None if target is None else target[ts], logits[ts], kept)
-        self.losses += sq.sqrt().cpu()
+            combine = None if route is None else (route[0][ts], route[1][ts])
+            part, y = self._chunk(x[ts], None if target is None else target[ts], logits[ts], kept, balanced,
+                                  missing, combine, score)
+            if score:
+                sq += part
+            if out is not None:
+                if y is None:
+                    out = None
+                else:
+                    out[ts] = y.to(out.dtype)
+        if score:
+            self._check(missing)
+            self.losses += sq.sqrt().cpu()
+        return out
 
-    def _chunk(self, x, target, logits, kept) -> torch.Tensor:
+    def _chunk(self, x, target, logits, kept, balanced, missing, combine, score=True):
         # Which (token, expert) pairs does any candidate route to? Exactly those get computed.
-        needed = torch.zeros(x.shape[0], self.n, dtype=torch.bool, device=x.device)
-        for sl in self._candidate_chunks(x.shape[0], kept.shape[0]):
-            _, idx = self.moe.route(logits, kept[sl])  # (C, T, k)
-            needed.scatter_(1, idx.permute(1, 0, 2).reshape(x.shape[0], -1), True)
-        target, needed = self._with_original(target, logits, needed)
-        return self._sq_errors(self._stats(x, target, needed), logits, kept)
+        with phase("statistics"):
+            needed = torch.zeros(x.shape[0], self.n, dtype=torch.bool, device=x.device)
+            for sl in self._candidate_chunks(x.shape[0], kept.shape[0]):
+                _, idx = self.moe.route(logits, kept[sl], balanced=balanced)  # (C, T, k)
+                needed.scatter_(1, idx.permute(1, 0, 2).reshape(x.shape[0], -1), True)
+            target, needed = self._with_original(target, logits, needed)
+        stats, y = self._stats(x, target, needed, int(needed.sum(1).max()), combine, score)
+        if not score:
+            return None, y
+        with phase("search"):
+            return self._sq_errors(stats, logits, kept, balanced, missing), y
 
     def result(self) -> dict:
         losses = self.losses.tolist()
         best = argmin_first(losses)
         return self._result(self.drops[best], losses[best], dict(zip(self.drops, losses)),
                             n_evaluated=len(losses))
+
+
+@dataclass
+class _Batch:
+    """One calibration batch's statistics for the beam search, on the compute device or in host memory."""
+
+    logits: torch.Tensor  # (T, E)
+    stats: TokenStats
+    on_host: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.logits.nbytes + self.stats.nbytes
 
 
 class BeamSearch(_LayerSearch):
@@ -327,42 +518,111 @@ class BeamSearch(_LayerSearch):
       2. swap refinement: replace one dropped expert with one kept expert while that lowers
          L(D), for at most `swap_rounds` rounds.
     Every candidate is scored with the exact objective L(D) on all calibration tokens.
+
+    Memory. The statistics take `stats_bytes_per_token` bytes per calibration token (for DeepSeek-V3 at
+    r = 128 and 128 x 2048 tokens, 20.2 GB), all of which every scoring pass reads. They are kept on the
+    compute device up to `stats_budget` bytes, one calibration batch at a time in calibration order; the
+    batches beyond it are kept in host memory (page-locked on a GPU) and copied to the device for every
+    scoring pass, the next one while the current one is scored. On the device, the search holds at most
+    the budget plus two batches' statistics (while a batch is assembled from its token chunks, or while
+    host batches are scored: the current one and the next), the expert outputs of one token chunk
+    (`_BYTES_PER_CHUNK`) and the routing of one candidate chunk (`_ROUTE_ELEMENTS`). Where the
+    statistics are kept changes nothing in the arithmetic: the losses are the same, bit for bit.
     """
 
     method = "beam"
 
-    def __init__(self, adapter, block, r: int, beam_width: int, swap_rounds: int):
+    def __init__(self, adapter, block, r: int, beam_width: int, swap_rounds: int, stats_budget: int | None = None):
         super().__init__(adapter, block, r)
         self.beam_width, self.swap_rounds = beam_width, swap_rounds
-        self.batches: list[list[tuple[torch.Tensor, TokenStats]]] = []
+        self.stats_budget = stats_budget  # bytes on the compute device; None: no limit
+        self.batches: list[_Batch] = []
         self.n_evaluated = 0
 
     @torch.no_grad()
-    def add_batch(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+    def add_batch(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                  route: tuple[torch.Tensor, torch.Tensor] | None = None, score: bool = True) -> torch.Tensor | None:
         """As ExhaustiveScorer.add_batch."""
         x, target, logits = self._prepare(x, target)
-        needed = rank_bound_mask(self.moe.choice_scores(logits), self.n - self.r, self.k,
-                                 self.groups)  # (T, E)
-        target, needed = self._with_original(target, logits, needed)
-        chunks = []
-        for ts in self._token_chunks(x.shape[0], x.shape[1], int(needed.sum(1).max())):
+        with phase("statistics"):
+            needed = rank_bound_mask(self.moe.choice_scores(logits), self.n - self.r, self.k,
+                                     self.groups)  # (T, E)
+            target, needed = self._with_original(target, logits, needed)
+            n_slots = int(needed.sum(1).max())
+        parts, out = [], None if route is None else torch.empty_like(x)
+        for ts in self._token_chunks(x.shape[0], x.shape[1], n_slots):
             rows = tuple(t[ts] for t in target) if isinstance(target, tuple) else target[ts]
-            chunks.append((logits[ts], self._stats(x[ts], rows, needed[ts])))
-        self.batches.append(chunks)
+            combine = None if route is None else (route[0][ts], route[1][ts])
+            stats, y = self._stats(x[ts], rows, needed[ts], n_slots, combine, score)
+            parts.append(stats)
+            if out is not None:
+                if y is None:
+                    out = None
+                else:
+                    out[ts] = y.to(out.dtype)
+        if not score:
+            return out
+        with phase("statistics"):
+            stats = parts[0] if len(parts) == 1 else TokenStats(**{
+                k: None if v is None else torch.cat([getattr(p, k) for p in parts]) for k, v in vars(parts[0]).items()})
+            del parts
+            self._keep(_Batch(logits, stats, on_host=False))
+        return out
+
+    def _keep(self, batch: _Batch) -> None:
+        on_device = sum(b.nbytes for b in self.batches if not b.on_host)
+        if self.stats_budget is not None and on_device + batch.nbytes > self.stats_budget:
+            pin = batch.logits.device.type == "cuda"
+            with phase("transfer"):
+                batch = _Batch(_to_host(batch.logits, pin), batch.stats.to("cpu", pin_memory=pin), on_host=True)
+        self.batches.append(batch)
+
+    def memory(self) -> dict:
+        """Where the statistics are kept (bytes), for the layer's record."""
+        host = [b.nbytes for b in self.batches if b.on_host]
+        return {"bytes": sum(b.nbytes for b in self.batches), "host_bytes": sum(host), "batches_on_host": len(host),
+                "batches": len(self.batches), "budget_bytes": self.stats_budget}
+
+    def _on_device(self, device: torch.device):
+        """Yield each batch's (logits, stats) on `device`; host batches are copied one batch ahead, on a side
+        stream on a GPU, so that the copy of the next batch overlaps the scoring of this one."""
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+        def fetch(b: _Batch):
+            if not b.on_host:
+                return b.logits, b.stats, None
+            if stream is None:
+                return b.logits.to(device), b.stats.to(device), None
+            with torch.cuda.stream(stream):
+                logits, stats = b.logits.to(device, non_blocking=True), b.stats.to(device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            main = torch.cuda.current_stream(device)
+            for t in (logits, *stats.tensors().values()):
+                t.record_stream(main)  # allocated on the side stream, used on the main one
+            return logits, stats, done
+
+        ahead = fetch(self.batches[0]) if self.batches else None
+        for i in range(len(self.batches)):
+            logits, stats, done = ahead
+            ahead = fetch(self.batches[i + 1]) if i + 1 < len(self.batches) else None
+            if done is not None:
+                torch.cuda.current_stream(device).wait_event(done)
+            yield logits, stats
 
     @torch.no_grad()
     def losses(self, drops: list[tuple[int, ...]]) -> list[float]:
         """L(D) of each drop set (all of the same size), over every stored calibration batch."""
-        device = next(self.block.parameters()).device  # where add_batch kept the statistics
+        device = self._device()
         kept = kept_tensor(self.n, drops, device)
-        total = torch.zeros(len(drops), dtype=torch.float64)
-        for chunks in self.batches:
-            sq = torch.zeros(len(drops), dtype=torch.float64, device=device)
-            for logits, stats in chunks:
-                sq += self._sq_errors(stats, logits, kept)
-            total += sq.sqrt().cpu()
+        balanced = self._balanced(kept)
+        missing = torch.zeros((), dtype=torch.bool, device=device)
+        total = torch.zeros(len(drops), dtype=torch.float64, device=device)
+        for logits, stats in self._on_device(device):
+            total += self._sq_errors(stats, logits, kept, balanced, missing).sqrt()
+        self._check(missing)
         self.n_evaluated += len(drops)
-        return total.tolist()
+        return total.cpu().tolist()
 
     def _group_of(self) -> list[int] | None:
         if self.groups is None:
@@ -377,18 +637,25 @@ class BeamSearch(_LayerSearch):
         return sorted(zip(self.losses(drops), drops))
 
     def result(self) -> dict:
+        with phase("search"):
+            return self._search()
+
+    def _search(self) -> dict:
         n_drop = self.n - self.r
         owner = self._group_of()
         per_group = n_drop // len(self.groups) if self.groups else n_drop
         trace = []
         beam: list[tuple[int, ...]] = [()]
         ranked = [(0.0, ())]
-        for _ in range(n_drop):
+        start = time.perf_counter()
+        for step in range(n_drop):
             cands = sorted({tuple(sorted(d + (e,))) for d in beam for e in range(self.n) if e not in d
                             and (owner is None or sum(owner[x] == owner[e] for x in d) < per_group)})
             ranked = self._ranked(cands)
             beam = [d for _, d in ranked[: self.beam_width]]
             trace.append({"dropped": len(beam[0]), "best_loss": ranked[0][0], "n_candidates": len(cands)})
+            logger.debug("beam step %d/%d: %d candidates, best loss %.6g, %d scored in %.1f s", step + 1, n_drop,
+                         len(cands), ranked[0][0], self.n_evaluated, time.perf_counter() - start)
         best_loss, best = ranked[0]
         finalists = dict((d, l) for l, d in ranked[: self.beam_width])
         rounds = 0
@@ -404,16 +671,23 @@ class BeamSearch(_LayerSearch):
             best_loss, best = loss, cand
             finalists[cand] = loss
         return self._result(best, best_loss, finalists, n_evaluated=self.n_evaluated,
-                            beam_width=self.beam_width, swap_rounds=rounds, trace=trace)
+                            beam_width=self.beam_width, swap_rounds=rounds, trace=trace,
+                            statistics_memory=self.memory())
+
+
+def _to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) if pin else t.to("cpu")
 
 
 SEARCHES = {"exhaustive": ExhaustiveScorer, "beam": BeamSearch}
 
 
-def make_search(adapter, block, r: int, search: str, exhaustive_limit: int, beam_width: int, swap_rounds: int):
+def make_search(adapter, block, r: int, search: str, exhaustive_limit: int, beam_width: int, swap_rounds: int,
+                stats_budget: int | None = None):
     """The exact enumeration when it has at most `exhaustive_limit` candidates (or when asked), else beam search.
 
-    The settings are main.py's flags of the same names (their defaults live in `main.RunConfig`).
+    The settings are main.py's flags of the same names (their defaults live in `main.RunConfig`); stats_budget:
+    bytes of device memory for the beam search's statistics (None: no limit).
     """
     if search == "auto":
         n_cand = count_drop_sets(adapter.num_experts(block), r, adapter.expert_groups(block))
@@ -421,5 +695,5 @@ def make_search(adapter, block, r: int, search: str, exhaustive_limit: int, beam
     if search == "exhaustive":
         return ExhaustiveScorer(adapter, block, r)
     if search == "beam":
-        return BeamSearch(adapter, block, r, beam_width=beam_width, swap_rounds=swap_rounds)
+        return BeamSearch(adapter, block, r, beam_width=beam_width, swap_rounds=swap_rounds, stats_budget=stats_budget)
     raise ValueError(f"unknown search {search!r}; choose auto, exhaustive or beam")

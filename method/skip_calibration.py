@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from model.adapters import UnsupportedRoutingError, find_moe_blocks
-from model.runner import LayerRunner, capture_io
+from model.runner import capture_io, layer_runner
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +43,20 @@ def weight_ratios(weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def dynamic_skipping(model, calib_loader, args):
     blocks = check_skippable(model)
-    runner = LayerRunner(model, args.device)
+    runner = layer_runner(model, args)
     states = runner.capture(calib_loader)
     layers_info: dict[str, dict] = {}
     for idx, layer in runner.iter_layers(desc="dynamic skipping calibration"):
         recorded = runner.recorded(idx) if idx in blocks else None
         if idx not in blocks or recorded is not None:  # recorded: finished by a killed run of this command
-            states = [runner.forward(layer, b) for b in states]
+            states = [runner.forward(layer, b) for b in runner.each(states)]
             if recorded is not None:
                 layers_info[str(idx)] = recorded
             continue
         moe = blocks[idx][0].bind(blocks[idx][1])
         ratios = []
         new_states = []
-        for b in states:
+        for b in runner.each(states):
             with capture_io(moe.router()) as io:
                 new_states.append(runner.forward(layer, b))
             logits = io["outputs"][0]

@@ -133,7 +133,7 @@ class MoEAdapter:
         return self.router(block)(x)[0]
 
     def route(
-        self, block: nn.Module, logits: torch.Tensor, kept: torch.Tensor | None = None
+        self, block: nn.Module, logits: torch.Tensor, kept: torch.Tensor | None = None, balanced: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and expert indices, exactly as the (pruned) block computes them.
 
@@ -142,12 +142,15 @@ class MoEAdapter:
                 kept experts. Dropped experts leave the router (paper Sec. 3.1): the
                 rule runs on the kept experts' logits only, which is what the pruned
                 block computes.
+        balanced: under group-limited routing, whether every candidate keeps the same number of experts in
+                each group (the caller knows; None: checked here, which waits for the device).
         Returns weights (..., tokens, top_k) float and indices (..., tokens, top_k) in
         original expert numbering.
         """
         if kept is None:
             return self._route(block, logits, None)
-        if self.expert_groups(block) is not None and not self._balanced(block, kept):
+        if self.expert_groups(block) is not None and not (
+                self._balanced(block, kept) if balanced is None else balanced):
             w, i = self._route_masked(block, logits, kept if kept.dim() == 2 else kept.unsqueeze(0))
             return (w, i) if kept.dim() == 2 else (w[0], i[0])
         if kept.dim() == 1:

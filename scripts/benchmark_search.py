@@ -1,9 +1,11 @@
 """Pruning-search benchmark on real layer shapes with random weights (no checkpoint needed).
 
 Builds the first --layers decoder layers of a preset (eval/benchmark_speed.py's presets:
-mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b) with random weights in host memory, feeds
-random calibration tokens of the paper's size (--n_blocks x --block_size, batches of
---batch_size), and times:
+mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, qwen3-235b-a22b, deepseek-v3; DeepSeek-V3's
+leading dense layers are turned into MoE layers unless --set first_k_dense_replace=N) with
+random weights (initialised on the compute device, then moved to host memory), feeds random
+calibration tokens of the paper's size (--n_blocks x --block_size, batches of --batch_size),
+and times:
 
 - ours: `layerwise_pruning` / `progressive_pruning` end to end (capture, layer-by-layer
   forwards, statistics, search), per --r and --search;
@@ -13,10 +15,18 @@ random calibration tokens of the paper's size (--n_blocks x --block_size, batche
   in float64 as the paper. Its decision is compared with ours.
 
 Routing statistics of random weights differ from a trained model's, so the decisions mean
-nothing; the point is time and memory, which do not depend on the weights' values.
+nothing; the point is time and memory, which do not depend on the weights' values (the
+beam search's statistics depend on the shape and r only: M slots per token, see
+method/search.py's stats_bytes_per_token).
+
+Each run records its peak GPU memory (allocated, from after the model was built), its peak
+host RSS, the beam search's statistics memory (`statistics_memory` of each layer) and the
+per-layer timing (with --profile, its phases).
 
     python scripts/benchmark_search.py --preset mixtral-8x7b --layers 2 --r 6 4 --baseline_layers 1 \\
         --output search_mixtral.json
+    python scripts/benchmark_search.py --preset deepseek-v3 --layers 1 --r 192 --set vocab_size=32000 --profile
+    python scripts/benchmark_search.py --preset qwen3-235b-a22b --layers 1 --r 64 --set vocab_size=32000 --profile
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import argparse
 import copy
 import itertools
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -41,6 +52,7 @@ from main import RunConfig  # noqa: E402
 from method import METHODS  # noqa: E402
 from model.adapters import find_moe_blocks  # noqa: E402
 from model.loading import DTYPES  # noqa: E402
+from model.profiling import Profile, profiling  # noqa: E402
 from model.runner import LayerRunner, capture_io  # noqa: E402
 
 def sync(device: torch.device) -> float:
@@ -49,19 +61,22 @@ def sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def run_ours(model, loader, method: str, r: int, search: str, device: torch.device, beam_width: int) -> dict:
-    model = copy.deepcopy(model)
+def run_ours(model, loader, method: str, r: int, device: torch.device, args, copy_model: bool = True) -> dict:
+    model = copy.deepcopy(model) if copy_model else model
     reset_peak_memory(device)
     cfg = RunConfig(method=method, calib_set="random", model_path="random", r=r, device=str(device),
-                    search=search, beam_width=beam_width)
+                    search=args.search, beam_width=args.beam_width, swap_rounds=args.swap_rounds,
+                    states_budget_gib=args.states_budget_gib, stats_budget_gib=args.stats_budget_gib)
+    profile = Profile(device, phases=args.profile)
     start = sync(device)
-    _, info = METHODS[method](model, loader, cfg)
+    with profiling(profile):
+        _, info = METHODS[method](model, loader, cfg)
     seconds = sync(device) - start
     layers = info["layers"]
-    return {"method": method, "r": r, "search": search, "seconds": seconds,
-            "seconds_per_moe_layer": seconds / len(layers), **peak_memory(device),
-            "layers": {k: {key: v[key] for key in ("dropped_experts", "best_loss", "search", "n_candidates",
-                                                   "n_evaluated")} for k, v in layers.items()}}
+    keys = ("dropped_experts", "best_loss", "search", "n_candidates", "n_evaluated", "statistics_memory")
+    return {"method": method, "r": r, "search": args.search, "seconds": seconds,
+            "seconds_per_moe_layer": seconds / len(layers), **peak_memory(device), "timing": profile.report(),
+            "layers": {k: {key: v[key] for key in keys if key in v} for k, v in layers.items()}}
 
 
 @torch.no_grad()
@@ -129,23 +144,40 @@ def main(argv=None) -> int:
                    choices=["layerwise_pruning", "progressive_pruning"])
     p.add_argument("--search", default="auto", choices=["auto", "exhaustive", "beam"])
     p.add_argument("--beam_width", type=int, default=4)
+    p.add_argument("--swap_rounds", type=int, default=4)
+    p.add_argument("--stats_budget_gib", type=float, default=None,
+                   help="main.py's flag: GPU memory for the beam search's statistics (default: a quarter of the GPU)")
+    p.add_argument("--states_budget_gib", type=float, default=None,
+                   help="main.py's flag: GPU memory for the calibration states (default: a quarter of the GPU)")
+    p.add_argument("--profile", action="store_true", help="split each layer's time into phases (GPU synchronised)")
     p.add_argument("--baseline_layers", type=int, default=0, help="MoE layers to run the original algorithm on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=[k for k in DTYPES if k != "auto"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON file for all measurements")
     args = p.parse_args(argv)
+    # the runner's per-layer times and the beam search's steps, as they happen (a long search shows its progress)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("method.search").setLevel(logging.DEBUG)
 
     device = torch.device(args.device)
     overrides = {"num_hidden_layers": args.layers}
     for item in args.overrides:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value)
+    config = random_init_config(args.preset, {})
+    if "first_k_dense_replace" in config.to_dict():  # DeepSeek: the benchmarked layers are MoE layers
+        overrides.setdefault("first_k_dense_replace", 0)
     config = random_init_config(args.preset, overrides)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    model = build_random_model(config, "cpu", DTYPES[args.dtype], {})  # host memory; layers stream to the GPU
+    # initialised on the compute device (fast), then kept in host memory: the runner moves one layer at a time
+    model = build_random_model(config, str(device), DTYPES[args.dtype], {}).to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     build_seconds = time.perf_counter() - start
+    print(f"built {args.preset} with {config.num_hidden_layers} layers ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
+          f"parameters) in {build_seconds:.1f} s", flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(config.get_text_config().vocab_size, (args.n_blocks, args.block_size), generator=gen)
     loader = make_loader(tokens, args.batch_size)
@@ -153,14 +185,24 @@ def main(argv=None) -> int:
     result = {"args": vars(args), "build_seconds": build_seconds,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "runs": [], "baseline": []}
+    single = len(args.r) * len(args.methods) == 1 and not args.baseline_layers
     for r in args.r:
         for method in args.methods:
-            run = run_ours(model, loader, method, r, args.search, device, args.beam_width)
+            run = run_ours(model, loader, method, r, device, args, copy_model=not single)
             result["runs"].append(run)
+            stats = [v["statistics_memory"] for v in run["layers"].values() if "statistics_memory" in v]
+            stats_text = "" if not stats else (
+                f", beam statistics {max(m['bytes'] for m in stats) / 2**30:.2f} GiB per layer "
+                f"({max(m['host_bytes'] for m in stats) / 2**30:.2f} GiB in host memory), "
+                f"{max(v['n_evaluated'] for v in run['layers'].values())} sets scored")
             print(f"ours {method} r={r} search={args.search}: {run['seconds']:.1f} s for {len(run['layers'])} MoE "
                   f"layers ({run['seconds_per_moe_layer']:.2f} s/layer), peak GPU "
-                  f"{run.get('peak_gpu_allocated_gib', 0):.1f} GiB, host RSS {run['peak_host_rss_gib']:.1f} GiB",
-                  flush=True)
+                  f"{run.get('peak_gpu_allocated_gib', 0):.1f} GiB, host RSS {run['peak_host_rss_gib']:.1f} GiB"
+                  f"{stats_text}", flush=True)
+            for idx, entry in run["timing"]["layers"].items():
+                phases = entry.get("phases_s")
+                if phases:
+                    print(f"  layer {idx}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()), flush=True)
         if args.baseline_layers:
             base = run_baseline(model, loader, r, args.baseline_layers, device)
             result["baseline"].append(base)

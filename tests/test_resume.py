@@ -25,7 +25,7 @@ from model.runner import KILL_AFTER_LAYER_ENV
 from conftest import REPO, save_model, tiny_mixtral_config
 from families import family_config
 
-TIMING = ("wall_time_s", "peak_host_rss_gib", "peak_gpu_allocated_gib", "resumed_layers")
+TIMING = ("wall_time_s", "timing", "peak_host_rss_gib", "peak_gpu_allocated_gib", "resumed_layers")
 
 
 def _args(method, model, c4_path, out, dtype):
@@ -76,7 +76,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(method_name, family, dty
         monkeypatch.setattr(method.skip_calibration, "weight_ratios", lambda *a: searched.append(1) or ratios(*a))
     else:
         make = method.pruning.make_search
-        monkeypatch.setattr(method.pruning, "make_search", lambda *a: searched.append(1) or make(*a))
+        monkeypatch.setattr(method.pruning, "make_search", lambda *a, **k: searched.append(1) or make(*a, **k))
     assert main.main(args) == 0
     n_batches = 2  # 6 blocks in batches of 4
     per_layer = n_batches if method_name == "dynamic_skipping" else 1
@@ -103,11 +103,11 @@ def test_stopped_runs_folder_is_locked_while_used_named_by_other_runs_and_resume
     # A run that stops after layer 0 (here a failure in layer 1's search; a kill leaves the same folder).
     make, calls = method.pruning.make_search, []
 
-    def fails_on_layer_1(*a):
+    def fails_on_layer_1(*a, **k):
         calls.append(a)
         if len(calls) > 1:
             raise MemoryError("out of memory")
-        return make(*a)
+        return make(*a, **k)
 
     with monkeypatch.context() as m:
         m.setattr(method.pruning, "make_search", fails_on_layer_1)

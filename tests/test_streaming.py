@@ -33,7 +33,7 @@ from conftest import REPO, save_model, tiny_mixtral_config
 from families import family_config
 
 DEMO = REPO / "demo" / "tiny-moe"
-TIMING = ("wall_time_s", "peak_host_rss_gib", "peak_gpu_allocated_gib", "resumed_layers")
+TIMING = ("wall_time_s", "timing", "peak_host_rss_gib", "peak_gpu_allocated_gib", "resumed_layers")
 
 
 def _args(method, model, c4_path, out, dtype, *extra, n_blocks=4, block=32):
