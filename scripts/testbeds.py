@@ -341,6 +341,12 @@ def dense_perplexity(args, testbed: str, data_dir: Path) -> dict:
     out = {"model_path": rel(path), "model_class": type(model).__name__,
            "checkpoint_sha256": {"model.safetensors": sha256_file(path / "model.safetensors")},
            "params": sum(p.numel() for p in model.parameters()), "dtype": s["dtype"]}
+    for name, folder in (("moe", Path(args.root) / testbed), ("dense", path)):  # how each was trained
+        summary = folder / "train_summary.json"
+        if summary.is_file():
+            t = json.loads(summary.read_text())
+            out.setdefault("training", {})[name] = {"steps": t["steps"], "planned_steps": t["planned_steps"],
+                                                    "tokens_seen": t["tokens_seen"], "command": t["command"]}
     for k, t in texts.items():
         blocks = token_blocks(t, tokenizer, s["eval_block_size"])
         if not torch_equal(blocks, token_blocks(t, moe_tokenizer, s["eval_block_size"])):
@@ -360,10 +366,16 @@ def dense_markdown(merged: dict) -> str:
     if not d:
         return "Dense twin: not scored (no checkpoint, or it failed).\n"
     full = merged["full"]
+    runs = d.get("training", {})
+    unequal = ""
+    if len(runs) == 2 and runs["moe"]["tokens_seen"] != runs["dense"]["tokens_seen"]:
+        unequal = (f" **Not trained the same way**: the MoE saw {runs['moe']['tokens_seen']:,} tokens "
+                   f"({runs['moe']['steps']} steps), the dense twin {runs['dense']['tokens_seen']:,} "
+                   f"({runs['dense']['steps']} steps); see the training logs.")
     return (f"Dense twin of the same active size (`{Path(d['model_path']).name}`, {d['model_class']}, "
             f"{d['params']:,} parameters), same held-out tokens: Wikipedia perplexity {d['wiki']['perplexity']:.2f} "
             f"(MoE {full['wiki']['perplexity']:.2f}), GSM8K-answer perplexity {d['gsm8k']['perplexity']:.2f} "
-            f"(MoE {full['gsm8k']['perplexity']:.2f}).\n")
+            f"(MoE {full['gsm8k']['perplexity']:.2f}).{unequal}\n")
 
 
 def compare(args, deadline: float | None = None) -> int:

@@ -143,3 +143,15 @@ def test_prepared_data_must_match_tiny(tmp_path, capsys):
     rc = tb.main(["compare", "--tiny", "--testbed", "testbed-8x", "--carry", str(c), "--root", str(tmp_path / "tb")])
     err = capsys.readouterr().err
     assert rc == 2 and "has no model.safetensors" in err
+
+
+def test_dense_line_says_when_the_twins_did_not_train_alike():
+    merged = {"full": {"wiki": {"perplexity": 30.0}, "gsm8k": {"perplexity": 9.0}},
+              "dense_baseline": {"model_path": "testbeds/dense-8x", "model_class": "MistralForCausalLM", "params": 10,
+                                 "wiki": {"perplexity": 33.0}, "gsm8k": {"perplexity": 10.0},
+                                 "training": {"moe": {"steps": 400, "tokens_seen": 400 * 32768},
+                                              "dense": {"steps": 600, "tokens_seen": 600 * 32768}}}}
+    line = tb.dense_markdown(merged)
+    assert "Wikipedia perplexity 33.00 (MoE 30.00)" in line and "Not trained the same way" in line
+    merged["dense_baseline"]["training"]["moe"] = merged["dense_baseline"]["training"]["dense"]
+    assert "Not trained" not in tb.dense_markdown(merged)
