@@ -10,6 +10,7 @@ instead of after the compute.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import sys
@@ -111,3 +112,12 @@ def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 16 MiB chunks (the checkpoints that results name)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -50,7 +49,7 @@ import transformers  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 import main as pruning_cli  # noqa: E402
-from cli import UsageError, fail, resolve_device  # noqa: E402
+from cli import UsageError, fail, resolve_device, sha256_file  # noqa: E402
 from data import DATASETS, DataFileError, build_calib_loader, read_texts  # noqa: E402
 from eval.perplexity import perplexity, token_blocks  # noqa: E402
 from method import METHODS  # noqa: E402
@@ -106,14 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sha256_files(folder: Path) -> dict[str, str]:
     """sha256 of each weight file of a checkpoint folder."""
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-        out[f.name] = h.hexdigest()
-    return out
+    return {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))}
 
 
 def spread(values: list[float]) -> dict:

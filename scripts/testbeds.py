@@ -28,7 +28,6 @@ Bad flags or missing inputs: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -43,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 sys.path.insert(0, str(REPO))
 
-from cli import UsageError, fail  # noqa: E402
+from cli import UsageError, fail, sha256_file  # noqa: E402
 
 TRAININGS = ("testbed-8x", "testbed-64x", "dense-8x", "dense-64x")  # scripts/train_moe.py presets
 TESTBEDS = {
@@ -77,14 +76,6 @@ def log(msg: str) -> None:
 
 def command_line() -> str:
     return "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def folder_bytes(path: Path) -> int:

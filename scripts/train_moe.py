@@ -49,7 +49,6 @@ A CPU smoke test:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import platform
@@ -68,6 +67,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from cli import sha256_file  # noqa: E402
 from data import read_texts, save_tokenizer, train_bpe_tokenizer  # noqa: E402
 
 CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
@@ -604,14 +604,6 @@ def compat_config(config: dict) -> dict:
     for key in COUNT_KEYS.get(out["model_type"], ()):
         out[key] = config.get("num_local_experts", config.get("num_experts"))
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_table(load: list[list[float]]) -> str:
