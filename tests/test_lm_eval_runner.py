@@ -178,7 +178,7 @@ def test_stock_cli_reads_the_written_tasks(tiny_mixtral, arc_dir, written_tasks,
     docs = arc_docs(arc_dir)
     lls, _ = arc_loglikelihoods(model, tokenizer, docs)
     assert_arc(results, cli_lls, lls, accuracies(docs, lls))
-    assert str(arc_dir / "arc_easy_test.jsonl") in json.dumps(results["configs"]["arc_easy_local"]["dataset_kwargs"])
+    assert str(arc_dir.resolve() / "arc_easy_test.jsonl") in json.dumps(results["configs"]["arc_easy_local"]["dataset_kwargs"])
     assert "dynamic_skipping" not in results["config"]
 
 
@@ -261,7 +261,7 @@ def test_written_tasks_hold_the_data_folder(written_tasks, arc_dir):
         text = path.read_text()
         assert bundled.PLACEHOLDER not in text
         for name in bundled.local_tasks()[path.stem]:
-            assert f'"{arc_dir / name}"' in text
+            assert f'"{arc_dir.resolve() / name}"' in text
 
 
 def test_task_writer_missing_data_folder(tmp_path, capsys):
