@@ -643,7 +643,7 @@ def save(model, tokenizer, record: dict, save_path: Path, write_weights) -> None
     source = record["args"]["model_path"]
     save_checkpoint(model, tokenizer, source, save_path, write_weights)
     (save_path / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    (save_path / "README.md").write_text(model_card(record, input_license(Path(source))))
+    (save_path / "README.md").write_text(model_card(record, input_license(Path(source).expanduser())))
 
 
 def command_line(cfg: RunConfig) -> str:

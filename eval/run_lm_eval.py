@@ -87,9 +87,10 @@ def check_tasks_known(tasks: list[str], paths: list[Path], user_include: Path | 
     names = [t for t in tasks if not t.endswith(".yaml") and not Path(t).is_dir()]  # files and folders: lm-eval's
     # Indexing lm-eval's ~15k stock task YAMLs takes seconds: skip it when every name is a single task of ours or
     # of --include_path (a group or tag may name stock tasks, so those need the full index).
-    if paths and all(t in TaskManager(include_path=[str(p) for p in paths], include_defaults=False).all_subtasks
-                     for t in names):
-        return
+    if paths:
+        ours = TaskManager(include_path=[str(p) for p in paths], include_defaults=False).all_subtasks
+        if all(t in ours for t in names):
+            return
     manager = TaskManager(include_path=[str(p) for p in paths] or None)
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
@@ -163,13 +164,14 @@ def prepare(args, own, tmp: Path) -> None:
         check_data_files(data_dir, wanted_local, local)
         write_resolved_tasks(data_dir, tmp)
         paths = [tmp, *paths]  # later paths win a name clash: the user's own tasks
+    if all(t in local for t in tasks):
+        # Nothing to download, but `datasets` pings a usage counter online on every load_dataset("json", ...)
+        # unless it is in offline mode, which it reads when first imported: before check_tasks_known imports
+        # lm_eval.tasks (and with it `datasets`).
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     check_tasks_known(tasks, paths, user_include)
     if paths:
         args.include_path = [str(p) for p in paths]  # lm-eval's TaskManager takes a list
-    if all(t in local for t in tasks):
-        # Nothing to download, but `datasets` pings a usage counter online on every load_dataset("json", ...)
-        # unless it is in offline mode (which it reads when first imported).
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if args.model == MODEL_NAME:
         check_model(args)
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +69,7 @@ def calibrate_betas(model, batch: torch.Tensor) -> dict:
             h.remove()
     out = {}
     for idx, r in ratios.items():
-        med = torch.cat(r).median(dim=0).values.tolist()
+        med = np.median(torch.cat(r).cpu().numpy().astype(np.float64), axis=0).tolist()  # as skip_calibration
         out[str(idx)] = med[0] if len(med) == 1 else med
     return out
 
@@ -278,7 +279,6 @@ def mixtral(rows: list, extra: dict, n: int, new: int, stock_bs16: bool) -> None
                          new_tokens=new, skipping=skip)
             skip.disable()
             ratios["r4_skip_vs_base_bs1"] = rs["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-    extra["ratios_mixtral"] = ratios
     del model
     gc.collect()
     torch.cuda.empty_cache()

@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     print(f"checkpoint {model_dir}: {checkpoint['bytes'] / 2**30:.2f} GiB in {checkpoint['shards']} shards"
           + (" (reused)" if checkpoint["reused"] else f", built in {checkpoint['init_s']:.1f} s + written in "
                                                        f"{checkpoint['save_s']:.1f} s"), flush=True)
-    calib = Path(args.calib_path) if args.calib_path else synthetic_calibration(args, model_dir, work / "calib.jsonl")
+    synthetic = work / f"calib_{args.n_blocks}x{args.block_size}_seed{args.seed}.jsonl"  # reused only if the same
+    calib = Path(args.calib_path) if args.calib_path else synthetic_calibration(args, model_dir, synthetic)
     report = {"args": vars(args), "config": config.to_dict(), "checkpoint": checkpoint,
               "calibration": {"path": str(calib), "synthetic": args.calib_path is None},
               "environment": {"device": args.device, "torch": torch.__version__,

@@ -210,3 +210,11 @@ def test_self_calibration_bar_counts_sequences(tiny_mixtral, monkeypatch):
     assert blocks.shape == (5, 6)
     (bar,) = bars
     assert bar.total == 5 and bar.steps == [2, 2, 1] and bar.n == 5 and bar.unit == "seq"
+
+
+def test_every_method_has_a_model_card_entry():
+    """model_card runs at the very end of a run: a registered method without a card entry would fail every run."""
+    from method import METHODS
+    from model import card
+
+    assert set(card.METHODS) == set(METHODS)
