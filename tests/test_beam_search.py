@@ -91,7 +91,10 @@ def check_beam_finds_the_optimum(model, calib, beam, r, dtype):
         rank = int((ref < ref[i]).sum()) + 1
         second = float(ref.sort().values[1] / ref.min())
         print(f"layer {layer}: rank of the beam's set among {len(drops)}: {rank}; 2nd best / best = {second:.6f}")
-        assert rank == 1
+        # Rank 1, unless the best set's loss is within a set's own noise (SAME_SET_REL) of the beam's: the
+        # search ranks sets on its own GEMM shapes, and in bfloat16 the top two can be 1.6e-4 apart (measured),
+        # closer than another CPU's rounding can move a loss.
+        assert rank == 1 or float(ref[i] - ref.min()) <= SAME_SET_REL[dtype] * float(ref.min()), (layer, rank)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
