@@ -176,7 +176,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--engine {args.engine} decodes greedily: drop --do_sample / --num_beams or use --engine hf")
     if args.engine != "hf" and args.device == "auto":
         raise UsageError(f"--engine {args.engine} runs the model on one device: use --device cuda or cuda:N")
-    parts = [p for p in args.compile.split(",") if p]
+    args.compile_parts = parts = tuple(p for p in args.compile.split(",") if p)  # parsed once, used by make_decoder
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise UsageError(f"--compile {args.compile}: unknown part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
@@ -501,7 +501,7 @@ def make_decoder(args: argparse.Namespace, model, prompts: list[torch.Tensor],
     max_len = max(len(p) for p in prompts) + config.max_new_tokens
     banned = (config.eos_token_id,) if config.eos_token_id is not None else ()  # min_new_tokens == max_new_tokens
     return StaticDecoder(model, args.batch_size, max_len, graph=args.engine == "graph", banned_token_ids=banned,
-                         compile_parts=tuple(p for p in args.compile.split(",") if p))
+                         compile_parts=args.compile_parts)
 
 
 def run_samples(model, prompts: list[torch.Tensor], config: GenerationConfig, warmup: int, gpus: list[int],

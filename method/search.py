@@ -244,25 +244,18 @@ def token_stats(y: torch.Tensor, token_idx: torch.Tensor, slot_idx: torch.Tensor
     return TokenStats(slot=slot.to(torch.int16), gram=packed, cross=cross, z2=z2), out
 
 
-def sq_errors(stats: TokenStats, weights: torch.Tensor, indices: torch.Tensor,
-              missing: torch.Tensor | None = None) -> torch.Tensor:
+def sq_errors(stats: TokenStats, weights: torch.Tensor, indices: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of ||target_t - sum_k w_k y_k||^2 for each candidate routing.
 
     weights, indices: (C, T, k) routing of C candidates on the T tokens of `stats`.
     missing: a bool device scalar, set when a candidate routes a token to an expert whose output was not
-    computed (the caller checks it once, not per call: a check here would wait for the GPU every call); None:
-    checked here.
+    computed (the caller checks it once, not per call: a check here would wait for the GPU every call).
     Returns (C,) float64.
     """
     c, t, k = indices.shape
     rows = torch.arange(t, device=indices.device).view(1, t, 1)
     s = stats.slot[rows, indices].long()  # (C, T, k)
-    bad = (s < 0).any()
-    if missing is None:
-        if bool(bad):
-            raise RuntimeError("a candidate routes a token to an expert whose output was not computed")
-    else:
-        missing |= bad
+    missing |= (s < 0).any()
     s = s.clamp_min(0)
     w = weights.to(torch.float64)
     cross = stats.cross[rows, s]  # (C, T, k)

@@ -292,6 +292,7 @@ class DynamicSkipping:
     # ---- the rule ------------------------------------------------------------------------
     def _router_hook(self, idx: int, moe: BoundMoE):
         n_experts = moe.num_experts()
+        renormalize, scale = moe.renormalizes(), moe.routed_scaling()  # constants of the block: not per call
 
         def hook(_router, _args, output):
             logits, weights, indices = output
@@ -303,11 +304,10 @@ class DynamicSkipping:
             if _use_skip_kernel(weights.device):
                 # One launch instead of ~15 small ops per layer and step (they dominate a graph-captured decode step).
                 new_weights, new_indices = skip_kernel(weights, scores, indices, self._device_betas[key], n_experts,
-                                                       moe.renormalizes(), moe.routed_scaling(),
-                                                       counts)
+                                                       renormalize, scale, counts)
                 return logits, new_weights, new_indices
             skip = skip_rule(weights, scores, self._device_betas[key])
-            new_weights = weights_after_skip(weights, skip, moe.renormalizes(), moe.routed_scaling())
+            new_weights = weights_after_skip(weights, skip, renormalize, scale)
             new_indices = indices.masked_fill(skip, n_experts)
             counts[0] += skip.shape[0]  # in place: stays correct when the step is replayed from a CUDA graph
             counts[1] += skip.sum()

@@ -43,6 +43,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from cli import folder_bytes  # noqa: E402
+
 METHODS = {"layerwise": "layerwise_pruning", "progressive": "progressive_pruning"}
 DEFAULT_RUNS = [f"{load}:{method}:{r}" for method in ("layerwise", "progressive") for r in (6, 4)
                 for load in ("stream", "in_memory")]
@@ -88,17 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def model_config(args):
-    from eval.benchmark_speed import random_init_config
+    from eval.benchmark_speed import parse_overrides, random_init_config
 
-    overrides = {"num_hidden_layers": args.layers}
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
+    overrides = {"num_hidden_layers": args.layers, **parse_overrides(args.overrides)}
     config = random_init_config(args.preset, {})
     if "first_k_dense_replace" in config.to_dict():
         overrides.setdefault("first_k_dense_replace", 0)

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from cli import peak_memory, reset_peak_memory  # noqa: E402
 from data import make_loader  # noqa: E402
-from eval.benchmark_speed import build_random_model, random_init_config  # noqa: E402
+from eval.benchmark_speed import build_random_model, parse_overrides, random_init_config  # noqa: E402
 from main import RunConfig  # noqa: E402
 from method import METHODS  # noqa: E402
 from model.adapters import find_moe_blocks  # noqa: E402
@@ -161,10 +161,7 @@ def main(argv=None) -> int:
     logging.getLogger("method.search").setLevel(logging.DEBUG)
 
     device = torch.device(args.device)
-    overrides = {"num_hidden_layers": args.layers}
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
+    overrides = {"num_hidden_layers": args.layers, **parse_overrides(args.overrides)}
     config = random_init_config(args.preset, {})
     if "first_k_dense_replace" in config.to_dict():  # DeepSeek: the benchmarked layers are MoE layers
         overrides.setdefault("first_k_dense_replace", 0)

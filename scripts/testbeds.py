@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 sys.path.insert(0, str(REPO))
 
-from cli import UsageError, fail, sha256_file  # noqa: E402
+from cli import UsageError, available_cpus, fail, folder_bytes, sha256_file  # noqa: E402
 
 TRAININGS = ("testbed-8x", "testbed-64x", "dense-8x", "dense-64x")  # scripts/train_moe.py presets
 TESTBEDS = {
@@ -76,14 +76,6 @@ def log(msg: str) -> None:
 
 def command_line() -> str:
     return "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def rel(path: Path) -> str:

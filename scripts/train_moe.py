@@ -415,15 +415,13 @@ def batch_indices(n_blocks: int, batch_size: int, seed: int):
         epoch += 1
 
 
-def balance_loss(model, router_logits, per_layer: bool) -> torch.Tensor:
+def balance_loss(model, router_logits) -> torch.Tensor:
     """The family's own load-balancing loss (transformers' load_balancing_loss_func: n_experts x sum_e f_e P_e,
-    top-k assignment share f, mean router probability P) over all layers' tokens together, or its mean
-    over the layers, each layer on its own."""
+    top-k assignment share f, mean router probability P), each layer on its own, averaged over the layers
+    (--aux_loss per_layer; --aux_loss global is the model's own aux_loss over all layers' tokens together)."""
     balancing = sys.modules[type(model).__module__].load_balancing_loss_func
     cfg = model.config
-    if per_layer:
-        return torch.stack([balancing((rl,), n_experts(cfg), cfg.num_experts_per_tok) for rl in router_logits]).mean()
-    return balancing(tuple(router_logits), n_experts(cfg), cfg.num_experts_per_tok)
+    return torch.stack([balancing((rl,), n_experts(cfg), cfg.num_experts_per_tok) for rl in router_logits]).mean()
 
 
 def training_loss(model, x: torch.Tensor, args):
@@ -436,7 +434,7 @@ def training_loss(model, x: torch.Tensor, args):
     lm = model.loss_function(logits=out.logits, labels=x, vocab_size=model.config.vocab_size)
     if not moe:
         return lm, lm, None, None
-    aux = out.aux_loss if args.aux_loss == "global" else balance_loss(model, out.router_logits, per_layer=True)
+    aux = out.aux_loss if args.aux_loss == "global" else balance_loss(model, out.router_logits)
     return lm + args.aux_coef * aux, lm, aux, out.router_logits
 
 
