@@ -36,6 +36,7 @@ import typing
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,7 +53,7 @@ from method import METHODS  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
 from model.card import (INFO_FILE, add_original_numbering, input_license, model_card, read_expert_map,  # noqa: E402
                         summary_table)
-from model.checkpoint import save_checkpoint  # noqa: E402
+from model.checkpoint import save_checkpoint, save_pretrained  # noqa: E402
 from model.loading import DTYPES  # noqa: E402
 from model.profiling import Profile, profiling  # noqa: E402
 from model.runner import LayerJournal, journaling  # noqa: E402
@@ -630,7 +631,7 @@ def run(cfg: RunConfig, inputs_valid=lambda: None) -> Path:
             add_original_numbering(record, input_map, {str(i): adapter.num_experts(block)
                                                        for i, (adapter, block) in find_moe_blocks(model).items()})
             save(model, tokenizer, record, staging.result, stream.save_weights if stream is not None else
-                 lambda m, out: m.save_pretrained(out, max_shard_size=cfg.max_shard_size))
+                 partial(save_pretrained, max_shard_size=cfg.max_shard_size))
             return staging.publish(save_path)
     finally:
         _remove_empty(created)  # the output folders this run made, if it leaves nothing in them

@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from model.dynamic_skipping import DynamicSkipping
-from model.loading import CONFIG_LOCATION_KWARGS, check_checkpoint
+from model.loading import check_checkpoint
 
 MODEL_NAME = "moe-skip"
 log = logging.getLogger("lm_eval.models.moe_skip")  # under lm-eval's logger: its CLI shows it like its own lines
@@ -38,8 +38,7 @@ class MoESkipLM(HFLM):
     def __init__(self, pretrained, skipping: bool = True, **kwargs):
         if isinstance(pretrained, str):
             # The path, the config and its betas, before lm-eval reads a weight (raises CheckpointError, BetasError).
-            check_checkpoint(pretrained, skipping=skipping,
-                             **{k: v for k, v in kwargs.items() if k in CONFIG_LOCATION_KWARGS and v})
+            check_checkpoint(pretrained, skipping=skipping, **kwargs)
         super().__init__(pretrained=pretrained, **kwargs)
         model = self.model  # unwrapped when accelerate holds it
         self.dynamic_skipping: DynamicSkipping | None = getattr(model, "dynamic_skipping", None)  # load_model's

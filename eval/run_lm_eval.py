@@ -100,7 +100,7 @@ def check_tasks_known(tasks: list[str], paths: list[Path], user_include: Path | 
 
 def check_model(args) -> None:
     """A moe-skip checkpoint's path, config and betas, before lm-eval loads anything."""
-    from model.loading import CONFIG_LOCATION_KWARGS, check_checkpoint
+    from model.loading import check_checkpoint
 
     model_args = args.model_args or {}
     pretrained = model_args.get("pretrained")
@@ -108,7 +108,7 @@ def check_model(args) -> None:
         raise UsageError(f"--model {MODEL_NAME} needs a checkpoint: --model_path CKPT or --model_args pretrained=CKPT")
     try:
         check_checkpoint(str(pretrained), skipping=model_args.get("skipping", True) is not False,
-                         **{k: v for k, v in model_args.items() if k in CONFIG_LOCATION_KWARGS and v})
+                         **{k: v for k, v in model_args.items() if k not in ("pretrained", "skipping")})
     except OSError as e:  # transformers' "not a valid model identifier", an unreadable config and the like
         raise UsageError(f"cannot load a model from {pretrained}: {str(e).strip().splitlines()[0]}") from None
     except ValueError as e:  # no such folder, no config.json, bad betas (BetasError), no MoE layer for betas

@@ -141,7 +141,7 @@ def _calibrated(model, calib_loader, args, score_cls, name: str):
     layer_scores = {}
     for idx, layer in runner.iter_layers(desc=name.replace("_", " ")):
         if idx not in blocks:
-            states = [runner.forward(layer, b) for b in runner.each(states)]
+            states = runner.forward_all(layer, states)
             continue
         adapter, block = blocks[idx]
         scorer = score_cls(adapter, block)

@@ -131,8 +131,8 @@ def _prune(model, calib_loader, args, progressive: bool):
     layers_info: dict[str, dict] = {}
     for idx, layer in runner.iter_layers(desc=f"{'progressive' if progressive else 'layerwise'} pruning"):
         if idx not in blocks:
-            original = [runner.forward(layer, b) for b in runner.each(original)]
-            pruned = None if pruned is None else [runner.forward(layer, b) for b in runner.each(pruned)]
+            original = runner.forward_all(layer, original)
+            pruned = None if pruned is None else runner.forward_all(layer, pruned)
             continue
         adapter, block = blocks[idx]
         moe = adapter.bind(block)
@@ -168,7 +168,7 @@ def _prune(model, calib_loader, args, progressive: bool):
         # The one difference: progressive feeds the next layers the pruned model's states, layerwise the original's.
         source = pruned or original
         original = outputs
-        pruned = [runner.forward(layer, b) for b in runner.each(source)] if progressive and idx < last else None
+        pruned = runner.forward_all(layer, source) if progressive and idx < last else None
         del source
     next(iter(blocks.values()))[0].prune_config(model.config, args.r)
     info = {"layers": layers_info}

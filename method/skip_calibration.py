@@ -49,7 +49,7 @@ def dynamic_skipping(model, calib_loader, args):
     for idx, layer in runner.iter_layers(desc="dynamic skipping calibration"):
         recorded = runner.recorded(idx) if idx in blocks else None
         if idx not in blocks or recorded is not None:  # recorded: finished by a killed run of this command
-            states = [runner.forward(layer, b) for b in runner.each(states)]
+            states = runner.forward_all(layer, states)
             if recorded is not None:
                 layers_info[str(idx)] = recorded
             continue

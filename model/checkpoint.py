@@ -101,8 +101,8 @@ def routed_experts(model) -> int:
     return counts.pop()
 
 
-def save_pretrained(model, out_dir: Path) -> None:
-    model.save_pretrained(out_dir)
+def save_pretrained(model, out_dir: Path, max_shard_size: int | str = "5GB") -> None:
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
 
 
 def save_checkpoint(model, tokenizer, source: str | Path, out_dir: str | Path, write_weights=save_pretrained) -> None:

@@ -46,11 +46,13 @@ def check_checkpoint(path: str | os.PathLike, skipping: bool = True, **location_
     """What can be checked before any weight is read: the path, its config and (when `skipping`) its `betas`,
     against the model's MoE layers built on the meta device. Returns the config.
 
-    location_kwargs: from_pretrained's CONFIG_LOCATION_KWARGS (revision, subfolder, trust_remote_code, ...).
+    location_kwargs: from_pretrained keyword arguments; those that locate the config (CONFIG_LOCATION_KWARGS:
+    revision, subfolder, trust_remote_code, ...) and are set are used, the rest ignored.
     Raises CheckpointError, BetasError, MoEError (betas on a model with no supported MoE layer), and
     OSError/ValueError from transformers for an unreadable config.
     """
     path = os.path.expanduser(path)
+    location_kwargs = {k: v for k, v in location_kwargs.items() if k in CONFIG_LOCATION_KWARGS and v}
     subfolder = location_kwargs.get("subfolder")
     folder = os.path.join(path, subfolder) if subfolder and os.path.isdir(path) else path  # where config.json is
     check_model_path(folder)
@@ -88,8 +90,7 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: str |
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    config = check_checkpoint(path, skipping, **{k: v for k, v in from_pretrained_kwargs.items()
-                                                 if k in CONFIG_LOCATION_KWARGS})
+    config = check_checkpoint(path, skipping, **from_pretrained_kwargs)
     kwargs = {"dtype": dtype if dtype is not None else "auto", **from_pretrained_kwargs}
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

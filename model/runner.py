@@ -366,6 +366,10 @@ class LayerRunner:
             stored = self._store(out)
         return LayerBatch(stored.hidden, batch.layer_kwargs, ready=stored.ready)
 
+    def forward_all(self, layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
+        """`forward` on every batch, each one's successor copied to the GPU meanwhile (`each`)."""
+        return [self.forward(layer, b) for b in self.each(batches)]
+
 
 def layer_runner(model: nn.Module, args) -> LayerRunner:
     """The runner of a method call: args.device, and args.states_budget_gib (main.RunConfig) when it has one."""
