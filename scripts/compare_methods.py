@@ -259,13 +259,20 @@ def run_pruning(c: Comparison, results: dict, keep: set) -> dict:
                 log(f"{method} r={r} {calib_set}: wiki {row['wiki']['perplexity']:.3f} ({seconds:.1f} s)")
                 if (method, r, calib_set) in keep:
                     kept_models[(method, r, calib_set)] = (model, argv)
-    for r in a.r:
-        rows = [x for x in results["pruning"] if x["r"] == r and x["method"] in CALIBRATION_FREE]
+    results["random_summary"] += random_summary(results["pruning"], a.r)
+    return kept_models
+
+
+def random_summary(pruning_rows: list[dict], rs) -> list[dict]:
+    """Per r (in the order given) and seeded method (random_pruning): the seeds and each perplexity's spread."""
+    out = []
+    for r in rs:
+        rows = [x for x in pruning_rows if x["r"] == r and x["method"] in CALIBRATION_FREE]
         for method in sorted({x["method"] for x in rows}):
             mine = [x for x in rows if x["method"] == method]
-            results["random_summary"].append({"method": method, "r": r, "seeds": [x["seed"] for x in mine],
-                                              **{k: spread([x[k]["perplexity"] for x in mine]) for k in EVALS}})
-    return kept_models
+            out.append({"method": method, "r": r, "seeds": [x["seed"] for x in mine],
+                        **{k: spread([x[k]["perplexity"] for x in mine]) for k in EVALS}})
+    return out
 
 
 def run_beams(c: Comparison, results: dict) -> None:

@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from transformers import AutoConfig  # noqa: E402
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
 
 from model import load_model  # noqa: E402
 from model.fused_experts import fused_experts_reference, fused_experts_triton  # noqa: E402

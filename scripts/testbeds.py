@@ -291,11 +291,8 @@ def merge_parts(parts: dict[str, dict], status: dict[str, dict]) -> dict:
             merged["pruning"].append(row)
         merged["beam"] += res["beam"]
         merged["skipping"] += res["skipping"]
-    for r in sorted({x["r"] for x in merged["pruning"]}, reverse=True):
-        for method in sorted({x["method"] for x in merged["pruning"] if x["method"] in cm.CALIBRATION_FREE}):
-            mine = [x for x in merged["pruning"] if x["r"] == r and x["method"] == method]
-            merged["random_summary"].append({"method": method, "r": r, "seeds": [x["seed"] for x in mine],
-                                             **{k: cm.spread([x[k]["perplexity"] for x in mine]) for k in cm.EVALS}})
+    merged["random_summary"] += cm.random_summary(merged["pruning"], sorted({x["r"] for x in merged["pruning"]},
+                                                                           reverse=True))
     merged["parts"] = {name: {"command": parts[name]["command"] if name in parts else None,
                               "wall_time_s": parts[name]["wall_time_s"] if name in parts else None, **status.get(name, {})}
                        for name in sorted(set(parts) | set(status))}

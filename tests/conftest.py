@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,16 @@ if not torch.cuda.is_available():
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+DEMO = REPO / "demo" / "tiny-moe"  # the bundled trained demo model
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, executed once per session (sys.modules), so every test file shares it."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
 C4 = "calib/c4-train.00000-of-01024.first1000.json"

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from conftest import REPO
+from conftest import load_script
 
 
 def test_bench_streaming_runs_main_both_ways(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_streaming", REPO / "scripts" / "bench_streaming.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_streaming")
     out = tmp_path / "report.json"
     shrink = ["hidden_size=64", "intermediate_size=128", "num_attention_heads=4", "num_key_value_heads=2"]
     args = ["--device", "cpu", "--layers", "2", "--n_blocks", "4", "--block_size", "64", "--batch_size", "2",

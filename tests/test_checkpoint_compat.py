@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,10 +26,9 @@ from compat.check_tf4 import TEXTS
 from model.adapters import ADAPTERS, find_moe_blocks
 from model.checkpoint import COUNT_KEYS, result_config, save_checkpoint
 
-from conftest import REPO
+from conftest import DEMO, REPO
 from families import FAMILIES, family_config
 
-DEMO = REPO / "demo" / "tiny-moe"
 CHECK_TF4 = REPO / "tests" / "compat" / "check_tf4.py"
 KEPT = [0, 1, 2, 4, 5, 6]  # 3 of each group of 4: valid for the group-limited families too
 # Checkpoint (hub) weight names: one tensor per expert (`...experts.<i>.w1.weight`), or, for GPT-OSS, fused

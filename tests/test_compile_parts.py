@@ -17,14 +17,14 @@ from transformers import AutoModelForCausalLM
 from model import DynamicSkipping
 from model.compile_parts import PARTS, compiled_parts
 from model.static_decode import StaticDecoder
-from test_fused_experts import REPO_DEMO
+from conftest import DEMO
 
 PART_SETS = [("norm",), ("norm", "router"), ("norm", "router", "attention")]
 
 
 @pytest.fixture(scope="module")
 def demo():
-    model = AutoModelForCausalLM.from_pretrained(REPO_DEMO, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
     model.set_experts_implementation("fused")  # the reference path on the CPU
     return model
 

@@ -14,9 +14,8 @@ import main
 from eval.perplexity import perplexity, token_blocks
 from data import read_texts
 
-from conftest import REPO, shared_path
+from conftest import DEMO, REPO, shared_path
 
-DEMO = REPO / "demo" / "tiny-moe"
 
 
 def test_demo_loads_with_plain_transformers_and_writes_english():

@@ -12,12 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO
+from conftest import DEMO
 from families import FAMILIES, family_config
 from model.adapters import find_moe_blocks
 from model.fused_experts import fused_experts_reference, supports_fused
 
-REPO_DEMO = str(REPO / "demo" / "tiny-moe")
 
 
 def _experts(family: str, dtype: torch.dtype, seed: int = 0):
@@ -168,7 +167,7 @@ def test_static_decoder_equals_generate(dtype, skipping):
     from model import DynamicSkipping
     from model.static_decode import StaticDecoder
 
-    model = AutoModelForCausalLM.from_pretrained(REPO_DEMO, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=dtype).eval()
     model.set_experts_implementation("fused")  # the reference path on the CPU
     if skipping:
         DynamicSkipping(model, {str(i): 0.6 for i in range(model.config.num_hidden_layers)}).enable()
@@ -191,6 +190,6 @@ def test_static_decoder_equals_generate(dtype, skipping):
 def test_static_decoder_refuses_graphs_on_cpu():
     from model.static_decode import StaticDecoder
 
-    model = AutoModelForCausalLM.from_pretrained(REPO_DEMO, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
     with pytest.raises(ValueError, match="CUDA"):
         StaticDecoder(model, 1, 8, graph=True)

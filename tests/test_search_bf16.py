@@ -13,10 +13,9 @@ from data import make_loader, read_texts, sample_blocks
 from main import RunConfig
 from method import METHODS
 
-from conftest import C4, REPO, shared_path
+from conftest import C4, DEMO, shared_path
 from reference import best, brute_force_layer, moe_blocks, record_moe_io
 
-DEMO = REPO / "demo" / "tiny-moe"
 # The brute force rounds Z and each Z_D to bfloat16 (2^-9 relative per element, a few roundings per
 # element), and its loss is made of the tokens whose routing the drop set changes, where |Z_t - Z_D,t|
 # is of the order of |Z_t|: its loss is within about 2^-8 of the exact one (measured: 0.14%). We allow

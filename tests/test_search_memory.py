@@ -228,13 +228,9 @@ def test_budget_flags_are_checked(tiny_mixtral, c4_path, tmp_path, capsys):
 def test_benchmark_search_runs_the_deepseek_v3_preset_shrunk(tmp_path):
     """scripts/benchmark_search.py on the deepseek-v3 preset (its dense first layers made MoE layers), shrunk to a
     CPU size: a beam search with every batch's statistics in host memory, its memory and phases in the JSON."""
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("benchmark_search", REPO / "scripts" / "benchmark_search.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark_search")
     shrink = ["hidden_size=64", "intermediate_size=64", "moe_intermediate_size=32", "num_attention_heads=4",
               "num_key_value_heads=4", "q_lora_rank=32", "kv_lora_rank=16", "qk_nope_head_dim=8", "qk_rope_head_dim=8",
               "head_dim=8", "v_head_dim=8", "vocab_size=512", "n_routed_experts=32"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -29,10 +28,9 @@ from method import METHODS
 from model.runner import KILL_AFTER_LAYER_ENV, LayerRunner
 from model.streaming import LayerStream, NotStreamable
 
-from conftest import REPO, save_model, tiny_mixtral_config
+from conftest import DEMO, REPO, save_model, tiny_mixtral_config
 from families import family_config
 
-DEMO = REPO / "demo" / "tiny-moe"
 TIMING = ("wall_time_s", "timing", "peak_host_rss_gib", "peak_gpu_allocated_gib", "resumed_layers")
 
 

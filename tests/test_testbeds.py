@@ -4,24 +4,13 @@ the pack; the carry checks. (The pipeline itself ran end to end at toy size: `pr
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import io
 import json
 import statistics
-import sys
 import tarfile
 
 import pytest
 
-from conftest import REPO
-
-
-def _load(name):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+from conftest import load_script as _load
 
 
 tb = _load("testbeds")

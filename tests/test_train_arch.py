@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from conftest import REPO
+from conftest import load_script
 
-_spec = importlib.util.spec_from_file_location("train_moe", REPO / "scripts" / "train_moe.py")
-train_moe = sys.modules.setdefault("train_moe", importlib.util.module_from_spec(_spec))
-if not hasattr(train_moe, "main"):
-    _spec.loader.exec_module(train_moe)
+train_moe = load_script("train_moe")
 
 SENTENCES = ["The history of the town begins in 1820, when a mill was built on the river.",
              "In mathematics, a prime number is a natural number greater than 1.",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,12 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data import read_texts, save_tokenizer, train_bpe_tokenizer
 from eval.perplexity import token_blocks
 
-from conftest import REPO, shared_path
+from conftest import DEMO, REPO, load_script, shared_path
 
-DEMO = REPO / "demo" / "tiny-moe"
-_spec = importlib.util.spec_from_file_location("train_moe", REPO / "scripts" / "train_moe.py")
-train_moe = sys.modules["train_moe"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_moe)
+train_moe = load_script("train_moe")
 TEXTS = ["The history of the town begins in 1820, when a mill was built on the river.",
          "Tom has 3 boxes with 12 apples in each box. He gives away 10 apples.",
          "In mathematics, a prime number is a natural number greater than 1."] * 20
