@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.adapters import balanced_rows, group_owner
 from model.profiling import phase
 
 logger = logging.getLogger(__name__)
@@ -375,11 +376,7 @@ class _LayerSearch:
         so that a candidate's loss does not depend on which others share its chunk."""
         if self.groups is None:
             return None
-        owner = torch.empty(self.n, dtype=torch.long)
-        for g, members in enumerate(self.groups):
-            owner[members] = g
-        counts = torch.nn.functional.one_hot(owner[kept.cpu()], len(self.groups)).sum(dim=-2)  # (C, n_group)
-        balanced = (counts == counts[:, :1]).all(-1)
+        balanced = balanced_rows(self.groups, self.n, kept)  # (C,)
         return bool(balanced[0]) if bool((balanced == balanced[0]).all()) else balanced
 
     def _sq_errors(self, stats: TokenStats, logits: torch.Tensor, kept: torch.Tensor,
@@ -607,8 +604,9 @@ class BeamSearch(_LayerSearch):
     def losses(self, drops: list[tuple[int, ...]]) -> list[float]:
         """L(D) of each drop set (all of the same size), over every stored calibration batch."""
         device = self._device()
-        kept = kept_tensor(self.n, drops, device)
-        balanced = self._balanced(kept)
+        kept_host = kept_tensor(self.n, drops)  # (C, r); the group check on the host, without a GPU wait
+        balanced = self._balanced(kept_host)
+        kept = kept_host.to(device)
         missing = torch.zeros((), dtype=torch.bool, device=device)
         total = torch.zeros(len(drops), dtype=torch.float64, device=device)
         for logits, stats in self._on_device(device):
@@ -618,13 +616,7 @@ class BeamSearch(_LayerSearch):
         return total.cpu().tolist()
 
     def _group_of(self) -> list[int] | None:
-        if self.groups is None:
-            return None
-        owner = [0] * self.n
-        for g, members in enumerate(self.groups):
-            for e in members:
-                owner[e] = g
-        return owner
+        return None if self.groups is None else group_owner(self.groups, self.n)
 
     def _ranked(self, drops: list[tuple[int, ...]]) -> list[tuple[float, tuple[int, ...]]]:
         return sorted(zip(self.losses(drops), drops))

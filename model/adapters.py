@@ -172,12 +172,7 @@ class MoEAdapter:
 
     def _balanced(self, block: nn.Module, kept: torch.Tensor) -> bool:
         """Whether every candidate keeps the same number of experts in each routing group."""
-        groups = self.expert_groups(block)
-        owner = torch.empty(self.num_experts(block), dtype=torch.long, device=kept.device)
-        for g, members in enumerate(groups):
-            owner[members] = g
-        counts = torch.nn.functional.one_hot(owner[kept], len(groups)).sum(dim=-2)  # (..., n_group)
-        return bool((counts == counts[..., :1]).all())
+        return bool(balanced_rows(self.expert_groups(block), self.num_experts(block), kept).all())
 
     def _route_masked(self, block: nn.Module, logits: torch.Tensor, kept: torch.Tensor):
         """Group-limited routing for candidates with unequal groups (intermediate beam-search states):
@@ -253,6 +248,22 @@ class BoundMoE:
             raise AttributeError(f"{type(self).__name__} has no {name!r} (per-block methods: {BoundMoE.PER_BLOCK})")
         method = getattr(self.adapter, name)
         return lambda *args, **kwargs: method(self.block, *args, **kwargs)
+
+
+def group_owner(groups: list[list[int]], n_experts: int) -> list[int]:
+    """The routing group of each expert."""
+    owner = [0] * n_experts
+    for g, members in enumerate(groups):
+        for e in members:
+            owner[e] = g
+    return owner
+
+
+def balanced_rows(groups: list[list[int]], n_experts: int, kept: torch.Tensor) -> torch.Tensor:
+    """kept (..., r) expert indices -> (...,) bool: whether the row keeps as many experts in every group."""
+    owner = torch.tensor(group_owner(groups, n_experts), device=kept.device)
+    counts = torch.nn.functional.one_hot(owner[kept], len(groups)).sum(dim=-2)  # (..., n_group)
+    return (counts == counts[..., :1]).all(-1)
 
 
 def _slice_first_dim(module: nn.Module, name: str, index: torch.Tensor, n: int) -> None:
