@@ -62,8 +62,10 @@ from model.streaming import LayerStream, NotStreamable  # noqa: E402
 logger = logging.getLogger("main")
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that the staging folder is cleaned up as on Ctrl-C."""
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread so that the staging folder is cleaned up as on Ctrl-C. A SystemExit:
+    handlers that swallow every other exception re-raise it (tqdm's logging handler does, when the signal
+    lands while it writes a log line)."""
 
 
 def _setting(default=MISSING, help: str = "", **flag):

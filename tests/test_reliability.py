@@ -119,3 +119,26 @@ def test_stale_staging_folders_are_named_and_empty_ones_removed(tiny_mixtral, c4
     assert json.loads((result / "pruning_info.json").read_text())["args"]["r"] == 6
     assert "resumed_layers" not in json.loads((result / "pruning_info.json").read_text())
     assert os.listdir(result)  # published
+
+
+def test_sigterm_during_a_log_line_is_not_swallowed(monkeypatch):
+    """SIGTERM can land while tqdm's logging handler writes a line; that handler swallows every exception but
+    KeyboardInterrupt and SystemExit (printing '--- Logging error ---' and running on), so Terminated must be
+    one of those to stop the run (a race CI hit once)."""
+    import logging
+
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from main import Terminated
+
+    def write(*_a, **_k):
+        raise Terminated()
+
+    log = logging.getLogger("test_reliability.sigterm")
+    log.setLevel(logging.INFO)
+    log.addHandler(logging.StreamHandler())
+    with logging_redirect_tqdm(loggers=[log]):
+        monkeypatch.setattr(tqdm, "write", write)
+        with pytest.raises(Terminated):
+            log.info("a line being written when the signal lands")
