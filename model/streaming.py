@@ -17,6 +17,13 @@ and `revert_weight_conversion` as in `save_pretrained`, so it keeps the input's 
 supported families store per-expert tensors that must be fused on load; only GPT-OSS stores the module's own
 names (docs/streaming.md). Every conversion transformers has for these families acts within one decoder layer.
 
+One shortcut: a fused expert tensor whose conversion is the library's stack (MergeModulelist) or stack then
+concatenate (Concatenate, dim 1) is filled by reading each per-expert tensor from its shard straight into its
+slice (`_load_fused`): the library's loader reads each into a new buffer, stacks and concatenates, three copies
+of the layer in fresh memory where this makes one. Which key lands where still comes from the library
+(`rename_source_key`, the converter's patterns, its `dot_natural_key` order); tests compare both paths tensor for
+tensor on every family.
+
 Output: shards of at most `max_shard_bytes` made of whole layers (a layer larger than that is a shard of its
 own), each written as soon as the next layer might not fit in it, so host memory holds at most one shard of
 finished layers. A result that fits in
@@ -33,6 +40,9 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -43,9 +53,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
+    Concatenate,
+    MergeModulelist,
     WeightConverter,
     WeightRenaming,
     convert_and_load_state_dict_in_model,
+    dot_natural_key,
     rename_source_key,
     revert_weight_conversion,
 )
@@ -59,6 +72,9 @@ logger = logging.getLogger(__name__)
 
 REST = -1  # the unit of the weights outside the decoder layers; layer i is unit i
 _SHARD_METADATA = {"format": "pt"}  # what save_pretrained writes into every shard of an unquantized model
+# Read per-expert checkpoint tensors straight into their slices of the fused expert tensors (one copy) instead of
+# through the library's stack + concatenate (three); tests switch it off to compare with the library's path.
+FAST_EXPERT_READ = True
 
 
 def _libc_malloc_trim():
@@ -78,6 +94,42 @@ def _release_freed_memory() -> None:
     after layer."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """{key: (dtype name, shape, first byte, end byte)} of a safetensors file, from its header (the format: an
+    8-byte little-endian header length, a JSON header of each tensor's dtype, shape and data offsets relative
+    to the end of the header, then the data)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return {k: (v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_into(fd: int, offset: int, out: torch.Tensor) -> None:
+    """Read out.nbytes bytes of the file at `offset` straight into the (contiguous, CPU) tensor `out`."""
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"short read at byte {offset + done} of a safetensors shard")
+        done += n
+
+
+def _fusion(converter: WeightConverter) -> str | None:
+    """'stack' for [MergeModulelist(0)], 'stack+cat' for [MergeModulelist(0), Concatenate(1)] (the two fused-expert
+    layouts of the supported families, read by `LayerStream._load_fused`), None for anything else."""
+    ops = list(converter.operations)
+    if len(converter.target_patterns) != 1 or not ops or type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+        return None
+    if len(ops) == 1:
+        return "stack"
+    if len(ops) == 2 and type(ops[1]) is Concatenate and ops[1].dim == 1:
+        return "stack+cat"
+    return None
 
 
 class NotStreamable(Exception):
@@ -196,6 +248,7 @@ class LayerStream:
         self.layer_bytes = [sum(t.numel() * t.element_size() for t in layer.state_dict().values())
                             for layer in self.layers]
         self.shards: _Shards | None = None
+        self._layouts: dict[Path, dict] = {}  # safetensors headers, read when first needed
 
     # ---- planning: meta device only ------------------------------------------------------------
     @classmethod
@@ -298,6 +351,10 @@ class LayerStream:
 
     def _load(self, unit: int) -> None:
         keys = self.units.get(unit, [])
+        if FAST_EXPERT_READ:
+            fused, keys = self._fused_targets(keys)
+            for target, (kind, parts) in fused.items():
+                self._load_fused(target, kind, parts)
         with ExitStack() as files, _quiet_progress():
             # pread: each tensor is read into memory, no mapping of the shard lingers in this process
             handles = {path: files.enter_context(safe_open(path, "pt", backend="pread"))
@@ -309,6 +366,98 @@ class LayerStream:
             raise RuntimeError(f"loading {'layer ' + str(unit) if unit != REST else 'the embeddings'} failed: "
                                f"{info.conversion_errors or sorted(info.mismatched_keys)}")
         _release_freed_memory()  # the per-expert tensors fused into one (stack, concatenate) and their copies
+
+    def _fused_targets(self, keys: list[str]) -> tuple[dict[str, tuple[str, list[list[str]]]], list[str]]:
+        """Split a unit's checkpoint keys into fused expert tensors that `_load_fused` reads and the keys left to the
+        library's loader: ({module key: (kind, per source pattern in the converter's order, the keys of experts
+        0..n-1)}, other keys).
+
+        A target qualifies when its converter is [MergeModulelist(0)] or [MergeModulelist(0), Concatenate(1)], every
+        source pattern has the same number of tensors of one shape, and the stacked (and concatenated) shape and
+        the load dtype are the module's; anything else goes through the library. The experts' order is the
+        library's: it stacks the tensors in `dot_natural_key` order of their checkpoint keys."""
+        renamings = [t for t in self.weight_mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in self.weight_mapping if isinstance(t, WeightConverter)]
+        by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+        module_keys = self.model.state_dict()
+        groups: dict[str, dict[str, list[str]]] = {}
+        rest = []
+        for key in keys:
+            target, pattern = rename_source_key(key, renamings, converters, self.model.base_model_prefix, module_keys)
+            if pattern is None or target not in module_keys or _fusion(by_pattern[pattern]) is None:
+                rest.append(key)
+            else:
+                groups.setdefault(target, {}).setdefault(pattern, []).append(key)
+        fused = {}
+        for target, per_pattern in groups.items():
+            converter = by_pattern[next(iter(per_pattern))]
+            kind = _fusion(converter)
+            patterns = list(converter.source_patterns)
+            parts = [sorted(per_pattern.get(p, []), key=dot_natural_key) for p in patterns]
+            shapes = [{self._layout(k)[1] for k in ks} for ks in parts]
+            n = len(parts[0])
+            ok = (set(per_pattern) == set(patterns) and all(len(ks) == n > 0 for ks in parts)
+                  and all(len(sh) == 1 for sh in shapes) and (kind == "stack+cat" or len(parts) == 1))
+            if ok:
+                shapes = [next(iter(sh)) for sh in shapes]
+                ok = all(len(sh) >= 1 and sh[1:] == shapes[0][1:] for sh in shapes)
+            if ok:
+                expected = ((n, *shapes[0]) if kind == "stack" else
+                            (n, sum(sh[0] for sh in shapes), *shapes[0][1:]))
+                meta = module_keys[target]
+                owner, _, name = target.rpartition(".")
+                ok = (tuple(meta.shape) == expected and meta.dtype == self.dtype
+                      and name in self.model.get_submodule(owner)._parameters)
+            if ok:
+                fused[target] = (kind, parts)
+            else:
+                rest.extend(k for ks in per_pattern.values() for k in ks)
+        return fused, rest
+
+    def _layout(self, key: str) -> tuple[str, tuple[int, ...], int, int]:
+        path = self.files[key]
+        if path not in self._layouts:
+            self._layouts[path] = safetensors_layout(path)
+        return self._layouts[path][key]
+
+    def _load_fused(self, target: str, kind: str, parts: list[list[str]]) -> None:
+        """Fill module weight `target` (E, ...) from its per-expert tensors, each read from its shard straight into
+        its slice: expert j of source pattern p is out[j] ("stack") or out[j, rows of p] ("stack+cat", the rows
+        after those of the patterns before p, as Concatenate(dim=1) lays them out)."""
+        owner, _, name = target.rpartition(".")
+        module = self.model.get_submodule(owner)
+        old = module._parameters.get(name)
+        out = torch.empty(tuple(old.shape), dtype=self.dtype)
+        jobs, row = [], 0
+        for keys in parts:
+            rows = self._layout(keys[0])[1][0]
+            for j, key in enumerate(keys):
+                jobs.append((key, out[j] if kind == "stack" else out[j, row:row + rows]))
+            row += rows
+        fds = {}
+        try:
+            for key, _ in jobs:
+                if self.files[key] not in fds:
+                    fds[self.files[key]] = os.open(self.files[key], os.O_RDONLY)
+
+            def read(job):
+                key, dst = job
+                dtype_name, shape, start, end = self._layout(key)
+                src_dtype = _getdtype(dtype_name)
+                if src_dtype == dst.dtype:
+                    _read_into(fds[self.files[key]], start, dst)
+                else:  # the library casts to the load dtype on read; the same, through a buffer
+                    buf = torch.empty(shape, dtype=src_dtype)
+                    _read_into(fds[self.files[key]], start, buf)
+                    dst.copy_(buf)
+
+            # preadv releases the GIL: the experts' tensors are read in parallel
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                list(pool.map(read, jobs))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        module._parameters[name] = nn.Parameter(out, requires_grad=old.requires_grad)
 
     def _check_loaded(self, unit: int) -> None:
         state = (self.model.state_dict() if unit == REST else
