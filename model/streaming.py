@@ -351,7 +351,7 @@ class LayerStream:
 
     def _load(self, unit: int) -> None:
         keys = self.units.get(unit, [])
-        if FAST_EXPERT_READ:
+        if FAST_EXPERT_READ and hasattr(os, "preadv"):  # POSIX; elsewhere the library's loader reads everything
             fused, keys = self._fused_targets(keys)
             for target, (kind, parts) in fused.items():
                 self._load_fused(target, kind, parts)
@@ -444,6 +444,8 @@ class LayerStream:
                 key, dst = job
                 dtype_name, shape, start, end = self._layout(key)
                 src_dtype = _getdtype(dtype_name)
+                if end - start != torch.Size(shape).numel() * src_dtype.itemsize:
+                    raise RuntimeError(f"{key}: its safetensors header gives {end - start} bytes for {shape} {dtype_name}")
                 if src_dtype == dst.dtype:
                     _read_into(fds[self.files[key]], start, dst)
                 else:  # the library casts to the load dtype on read; the same, through a buffer
