@@ -1,7 +1,7 @@
 """model/compile_parts.py: torch.compile'd norms, routers and attention in the static decode step.
 
-The reference is transformers' own `generate` on the trained demo model (clear logit margins):
-compiling modules must not change a single greedy token, nor the skip counters. The CPU tests use
+The reference is transformers' own `generate` on the trained demo model: compiling modules must not change
+a greedy token before the reference's first near-tie (conftest.GREEDY_TIE_MARGIN), nor the skip counters. The CPU tests use
 the "aot_eager" backend (dynamo's tracing and the functionalised graph, without inductor's code
 generation, which the GPU check scripts/gpu_decode_check.py runs on the H200). float32 only: in
 bfloat16 the traced graph rounds differently from the eager modules (~1/3 of the demo model's greedy
@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from model import DynamicSkipping
 from model.compile_parts import PARTS, compiled_parts
 from model.static_decode import StaticDecoder
-from conftest import DEMO
+from conftest import DEMO, GREEDY_TIE_MARGIN, assert_same_greedy_tokens, greedy_reference
 
 PART_SETS = [("norm",), ("norm", "router"), ("norm", "router", "attention")]
 
@@ -38,13 +38,6 @@ def _prompts(model):
     return ids, mask
 
 
-def _generate(model, ids, mask, n):
-    eos = model.generation_config.eos_token_id
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, min_new_tokens=n,
-                              max_new_tokens=n, eos_token_id=eos, pad_token_id=eos)[:, ids.shape[1]:]
-
-
 @pytest.mark.parametrize("parts", PART_SETS, ids=["+".join(p) for p in PART_SETS])
 @pytest.mark.parametrize("skipping", [False, True])
 def test_compiled_decode_step_equals_generate(demo, parts, skipping):
@@ -53,7 +46,7 @@ def test_compiled_decode_step_equals_generate(demo, parts, skipping):
     if skipping:
         skip = DynamicSkipping(demo, {str(i): 0.6 for i in range(demo.config.num_hidden_layers)}).enable()
     try:
-        ref = _generate(demo, ids, mask, 10)
+        ref, scores = greedy_reference(demo, ids, mask, 10)
         ref_stats = skip.stats() if skip else None
         if skip:
             skip.reset_stats()
@@ -61,7 +54,8 @@ def test_compiled_decode_step_equals_generate(demo, parts, skipping):
         dec = StaticDecoder(demo, 2, 20, graph=False, banned_token_ids=(eos,), compile_parts=parts,
                             compile_backend="aot_eager")
         out, _ = dec.generate(ids, mask, 10)
-        assert torch.equal(out, ref)
+        # up to the reference's first near-tie (conftest.GREEDY_TIE_MARGIN; measured: none in these 20 steps)
+        assert_same_greedy_tokens(out, ref, scores, GREEDY_TIE_MARGIN[torch.float32], min_compared=10)
         if skip:
             stats = skip.stats()
             assert 0 < stats["skip_rate"] < 1

@@ -162,29 +162,29 @@ def test_skip_kernel_matches_torch_rule(interpret, k, renorm):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("skipping", [False, True])
 def test_static_decoder_equals_generate(dtype, skipping):
-    """The benchmark's graph engine minus the graph: same greedy tokens as generate on the trained demo
-    model (clear logit margins), left padding included, skipping on and off."""
+    """The benchmark's graph engine minus the graph: the same greedy tokens as generate on the trained demo
+    model, left padding included, skipping on and off, up to each sequence's first near-tie of the reference
+    (conftest.GREEDY_TIE_MARGIN: the demo model has exact ties in bfloat16, where either token is right)."""
     from model import DynamicSkipping
     from model.static_decode import StaticDecoder
+    from conftest import GREEDY_TIE_MARGIN, assert_same_greedy_tokens, greedy_reference
 
     model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=dtype).eval()
     model.set_experts_implementation("fused")  # the reference path on the CPU
     if skipping:
         DynamicSkipping(model, {str(i): 0.6 for i in range(model.config.num_hidden_layers)}).enable()
     gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, model.config.vocab_size, (3, 10), generator=gen)
+    ids = torch.randint(3, model.config.vocab_size, (8, 10), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     ids[1, :3] = 0
+    ref, scores = greedy_reference(model, ids, mask, 12)
     eos = model.generation_config.eos_token_id
-    with torch.no_grad():
-        ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, min_new_tokens=12,
-                             max_new_tokens=12, eos_token_id=eos, pad_token_id=eos)[:, 10:]
-    dec = StaticDecoder(model, 3, 24, graph=False, banned_token_ids=(eos,))
-    out, _ = dec.generate(ids, mask, 12)
-    assert torch.equal(out, ref)
-    out2, _ = dec.generate(ids, mask, 12)  # buffers and cache reset between prompts
-    assert torch.equal(out2, ref)
+    dec = StaticDecoder(model, 8, 24, graph=False, banned_token_ids=(eos,))
+    # at least a quarter of the 96 steps before a tie (measured: 40-44 in bfloat16, 90+ in float32)
+    for _ in range(2):  # the second call: buffers and cache reset between prompts
+        out, _ = dec.generate(ids, mask, 12)
+        assert_same_greedy_tokens(out, ref, scores, GREEDY_TIE_MARGIN[dtype], min_compared=24)
 
 
 def test_static_decoder_refuses_graphs_on_cpu():
@@ -193,3 +193,20 @@ def test_static_decoder_refuses_graphs_on_cpu():
     model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
     with pytest.raises(ValueError, match="CUDA"):
         StaticDecoder(model, 1, 8, graph=True)
+
+
+def test_greedy_comparison_allows_only_ties_to_differ():
+    """conftest.assert_same_greedy_tokens, on hand-made scores: step 0 is clear, step 1 a three-way tie."""
+    from conftest import assert_same_greedy_tokens
+
+    scores = (torch.tensor([[0.0, 5.0, 1.0, 0.0]]), torch.tensor([[3.0, 3.0, 3.0, 0.0]]),
+              torch.tensor([[0.0, 0.0, 0.0, 9.0]]))
+    ref = torch.tensor([[1, 0, 3]])
+    assert_same_greedy_tokens(ref, ref, scores, 0.1, min_compared=1)
+    assert_same_greedy_tokens(torch.tensor([[1, 2, 0]]), ref, scores, 0.1, min_compared=1)  # tied, then apart
+    with pytest.raises(AssertionError):
+        assert_same_greedy_tokens(torch.tensor([[2, 0, 3]]), ref, scores, 0.1, min_compared=1)  # a clear step
+    with pytest.raises(AssertionError):
+        assert_same_greedy_tokens(torch.tensor([[1, 3, 3]]), ref, scores, 0.1, min_compared=1)  # not a tied token
+    with pytest.raises(AssertionError, match="before a tie"):
+        assert_same_greedy_tokens(ref, ref, scores, 0.1, min_compared=2)
