@@ -1,11 +1,12 @@
 """model/compile_parts.py: torch.compile'd norms, routers and attention in the static decode step.
 
 The reference is transformers' own `generate` on the trained demo model: compiling modules must not change
-a greedy token before the reference's first near-tie (conftest.GREEDY_TIE_MARGIN), nor the skip counters. The CPU tests use
-the "aot_eager" backend (dynamo's tracing and the functionalised graph, without inductor's code
-generation, which the GPU check scripts/gpu_decode_check.py runs on the H200). float32 only: in
+a greedy token before the reference's first near-tie (conftest.GREEDY_TIE_MARGIN), nor the skip counters.
+The CPU tests use the "aot_eager" backend (dynamo's tracing and the functionalised graph, without inductor's
+code generation, which the GPU check scripts/gpu_decode_check.py runs on the H200). float32 only: in
 bfloat16 the traced graph rounds differently from the eager modules (~1/3 of the demo model's greedy
-tokens differ after the first flip, with aot_eager as with inductor; docs/benchmarks.md).
+tokens differ after the first flip, with aot_eager as with inductor, measured by exact comparison before
+the demo model's bf16 ties were found; docs/benchmarks.md).
 """
 
 from __future__ import annotations
