@@ -123,18 +123,20 @@ class StaticDecoder:
         return self.out[:, p:p + max_new_tokens].clone(), t_first
 
 
-def greedy_agreement(out: torch.Tensor, ref: torch.Tensor, scores, margin: float) -> dict:
+def greedy_agreement(out: torch.Tensor, ref: torch.Tensor, scores, margin: float, rel_margin: float = 0.0) -> dict:
     """Compare greedy tokens `out` (batch, n) of one implementation with `ref` (batch, n) of another, whose
     per-step logits are `scores` (n tensors of (batch, vocab), as `generate(output_scores=True)` returns them).
 
     Two implementations that differ only in float rounding may pick different tokens where the reference's top
-    logits are within `margin` (a near-tie: either token is a correct greedy choice) and part from there, so each
-    sequence is compared up to the reference's first near-tie. Returns, per sequence: `steps_before_tie` (n if
+    logits are within `margin + rel_margin * |top logit|` (a near-tie: either token is a correct greedy choice;
+    the relative part follows the float format's spacing, e.g. 2 ** -6 = two bfloat16 steps) and part from there,
+    so each sequence is compared up to the reference's first near-tie. Returns, per sequence: `steps_before_tie` (n if
     none), `equal_before_tie` (the tokens agree on those steps) and `tie_token_ok` (at the tie step `out` holds one
     of the tied tokens; None without a tie)."""
     logits = torch.stack([s.float() for s in scores], dim=1)  # (batch, n, vocab)
     top2 = logits.topk(2, dim=-1).values  # (batch, n, 2)
-    tie = (top2[..., 0] - top2[..., 1]) < margin  # (batch, n)
+    slack = margin + rel_margin * top2[..., 0].abs()  # (batch, n)
+    tie = (top2[..., 0] - top2[..., 1]) < slack  # (batch, n)
     n = tie.shape[1]
     result = {"steps_before_tie": [], "equal_before_tie": [], "tie_token_ok": []}
     for b in range(out.shape[0]):
@@ -143,7 +145,7 @@ def greedy_agreement(out: torch.Tensor, ref: torch.Tensor, scores, margin: float
         result["equal_before_tie"].append(bool(torch.equal(out[b, :k].cpu(), ref[b, :k].cpu())))
         if k < n:
             step = logits[b, k]
-            result["tie_token_ok"].append(bool(step[int(out[b, k])] >= step.max() - margin))
+            result["tie_token_ok"].append(bool(step[int(out[b, k])] >= step.max() - slack[b, k]))
         else:
             result["tie_token_ok"].append(None)
     return result

@@ -95,11 +95,11 @@ def tiny_mixtral(tmp_path, tokenizer_dir) -> Path:
 # The margin below which a greedy step counts as a tie: two implementations of the same model that differ only in
 # shapes (a static KV cache padded to its length against a growing one, a traced graph against eager modules) give
 # logits that differ by float rounding, so where the reference's top two logits are that close either token is a
-# correct greedy choice and the sequences may part from there. float32: rounding differences are ~1e-5 at the demo
-# model's logit magnitude (<= 20), 1e-3 leaves 100x room; bfloat16: logits of magnitude 8-16 are rounded to
-# 0.0625, 0.125 is two of those steps. (The demo model has real near-ties: a top-two gap of 1e-4 in float32 and
-# exact ties in bfloat16 on the tests' prompts.)
-GREEDY_TIE_MARGIN = {torch.float32: 1e-3, torch.bfloat16: 0.125}
+# correct greedy choice and the sequences may part from there. (absolute, relative to the top logit):
+# float32: rounding differences are ~1e-5 at the demo model's logit magnitude (<= 20), 1e-3 leaves 100x room;
+# bfloat16: its spacing is 2^-8..2^-7 of a value's magnitude (0.125 at 16-32), 2^-6 is two of those steps. (The
+# demo model has real near-ties: a top-two gap of 1e-4 in float32, exact ties in bfloat16 on the tests' prompts.)
+GREEDY_TIE_MARGIN = {torch.float32: (1e-3, 0.0), torch.bfloat16: (0.0, 2.0 ** -6)}
 
 
 def greedy_reference(model, ids, mask, n):
@@ -113,12 +113,13 @@ def greedy_reference(model, ids, mask, n):
 
 def assert_same_greedy_tokens(out, ref, scores, margin, min_compared):
     """`out` equals the reference `ref` in every sequence up to the reference's first tie (top-two logit gap below
-    `margin`); at that step `out` holds one of the tied tokens (after it the sequences may legitimately part).
-    At least `min_compared` steps in all must come before a tie, so the check keeps its teeth.
+    `margin` = (absolute, relative to the top logit), as GREEDY_TIE_MARGIN); at that step `out` holds one of the
+    tied tokens (after it the sequences may legitimately part). At least `min_compared` steps in all must come
+    before a tie, so the check keeps its teeth.
     (model.static_decode.greedy_agreement, which scripts/gpu_decode_check.py reports on the GPU.)"""
     from model.static_decode import greedy_agreement
 
-    a = greedy_agreement(out, ref, scores, margin)
+    a = greedy_agreement(out, ref, scores, *margin)
     for b, (k, equal, tie_ok) in enumerate(zip(a["steps_before_tie"], a["equal_before_tie"], a["tie_token_ok"])):
         assert equal, (b, k, out[b], ref[b])
         assert tie_ok is not False, (b, k, out[b], ref[b])  # one of the tied tokens (bfloat16 can tie three or more)
