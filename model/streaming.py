@@ -445,7 +445,8 @@ class LayerStream:
                 dtype_name, shape, start, end = self._layout(key)
                 src_dtype = _getdtype(dtype_name)
                 if end - start != torch.Size(shape).numel() * src_dtype.itemsize:
-                    raise RuntimeError(f"{key}: its safetensors header gives {end - start} bytes for {shape} {dtype_name}")
+                    raise RuntimeError(f"{key}: its safetensors header gives {end - start} bytes for "
+                                       f"{shape} {dtype_name}")
                 if src_dtype == dst.dtype:
                     _read_into(fds[self.files[key]], start, dst)
                 else:  # the library casts to the load dtype on read; the same, through a buffer
