@@ -19,7 +19,6 @@ import gzip
 import json
 import logging
 import lzma
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ import numpy as np
 import tokenizers
 import torch
 import transformers
+
+from cli import available_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def make_loader(blocks: torch.Tensor, batch_size: int, num_workers: int = 0) -> 
 
     The blocks are already in memory, so workers beyond the CPU count only add processes.
     """
-    workers = min(num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    workers = min(num_workers, available_cpus())
     return torch.utils.data.DataLoader(list(blocks), batch_size=batch_size, shuffle=False, drop_last=False,
                                        num_workers=workers, collate_fn=_collate)
 

@@ -66,6 +66,8 @@ from transformers.modeling_utils import LoadStateDictConfig, remove_tied_weights
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils import logging as hf_logging
 
+from cli import available_cpus
+
 from .adapters import decoder_layers
 
 logger = logging.getLogger(__name__)
@@ -249,6 +251,8 @@ class LayerStream:
                             for layer in self.layers]
         self.shards: _Shards | None = None
         self._layouts: dict[Path, dict] = {}  # safetensors headers, read when first needed
+        # checkpoint key -> (module key it loads into, the converter source pattern it matched or None), by `_units`
+        self._renamed: dict[str, tuple[str, str | None]] = {}
 
     # ---- planning: meta device only ------------------------------------------------------------
     @classmethod
@@ -319,11 +323,13 @@ class LayerStream:
         module_keys = self.model.state_dict()
         units: dict[int, list[str]] = {}
         for key in shapes:
-            target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, module_keys)
+            target, pattern = rename_source_key(key, renamings, converters, self.model.base_model_prefix,
+                                                module_keys)
             if target not in module_keys:
-                target = key  # as the library does: a key the renamings miss may be the module's own
+                target, pattern = key, None  # as the library does: a key the renamings miss may be the module's own
             if target not in module_keys:
                 continue  # not a weight of the model: not read (reported above)
+            self._renamed[key] = (target, pattern)
             units.setdefault(self._unit_of(target), []).append(key)
         return units
 
@@ -353,8 +359,7 @@ class LayerStream:
         keys = self.units.get(unit, [])
         if FAST_EXPERT_READ and hasattr(os, "preadv"):  # POSIX; elsewhere the library's loader reads everything
             fused, keys = self._fused_targets(keys)
-            for target, (kind, parts) in fused.items():
-                self._load_fused(target, kind, parts)
+            self._load_fused(fused)
         with ExitStack() as files, _quiet_progress():
             # pread: each tensor is read into memory, no mapping of the shard lingers in this process
             handles = {path: files.enter_context(safe_open(path, "pt", backend="pread"))
@@ -376,15 +381,13 @@ class LayerStream:
         source pattern has the same number of tensors of one shape, and the stacked (and concatenated) shape and
         the load dtype are the module's; anything else goes through the library. The experts' order is the
         library's: it stacks the tensors in `dot_natural_key` order of their checkpoint keys."""
-        renamings = [t for t in self.weight_mapping if isinstance(t, WeightRenaming)]
-        converters = [t for t in self.weight_mapping if isinstance(t, WeightConverter)]
-        by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
-        module_keys = self.model.state_dict()
+        by_pattern = {pattern: c for c in self.weight_mapping if isinstance(c, WeightConverter)
+                      for pattern in c.source_patterns}
         groups: dict[str, dict[str, list[str]]] = {}
         rest = []
         for key in keys:
-            target, pattern = rename_source_key(key, renamings, converters, self.model.base_model_prefix, module_keys)
-            if pattern is None or target not in module_keys or _fusion(by_pattern[pattern]) is None:
+            target, pattern = self._renamed[key]
+            if pattern is None or _fusion(by_pattern[pattern]) is None:
                 rest.append(key)
             else:
                 groups.setdefault(target, {}).setdefault(pattern, []).append(key)
@@ -404,10 +407,9 @@ class LayerStream:
             if ok:
                 expected = ((n, *shapes[0]) if kind == "stack" else
                             (n, sum(sh[0] for sh in shapes), *shapes[0][1:]))
-                meta = module_keys[target]
                 owner, _, name = target.rpartition(".")
-                ok = (tuple(meta.shape) == expected and meta.dtype == self.dtype
-                      and name in self.model.get_submodule(owner)._parameters)
+                param = self.model.get_submodule(owner)._parameters.get(name)  # None: a buffer
+                ok = param is not None and tuple(param.shape) == expected and param.dtype == self.dtype
             if ok:
                 fused[target] = (kind, parts)
             else:
@@ -420,25 +422,30 @@ class LayerStream:
             self._layouts[path] = safetensors_layout(path)
         return self._layouts[path][key]
 
-    def _load_fused(self, target: str, kind: str, parts: list[list[str]]) -> None:
-        """Fill module weight `target` (E, ...) from its per-expert tensors, each read from its shard straight into
-        its slice: expert j of source pattern p is out[j] ("stack") or out[j, rows of p] ("stack+cat", the rows
-        after those of the patterns before p, as Concatenate(dim=1) lays them out)."""
-        owner, _, name = target.rpartition(".")
-        module = self.model.get_submodule(owner)
-        old = module._parameters.get(name)
-        out = torch.empty(tuple(old.shape), dtype=self.dtype)
-        jobs, row = [], 0
-        for keys in parts:
-            rows = self._layout(keys[0])[1][0]
-            for j, key in enumerate(keys):
-                jobs.append((key, out[j] if kind == "stack" else out[j, row:row + rows]))
-            row += rows
+    def _load_fused(self, fused: dict[str, tuple[str, list[list[str]]]]) -> None:
+        """Fill the module weights of `fused` (`_fused_targets`' first result) from their per-expert tensors, each
+        read from its shard straight into its slice: expert j of source pattern p is out[j] ("stack") or
+        out[j, rows of p] ("stack+cat", the rows after those of the patterns before p, as Concatenate(dim=1) lays
+        them out)."""
+        if not fused:
+            return
+        jobs, params = [], []
+        for target, (kind, parts) in fused.items():
+            owner, _, name = target.rpartition(".")
+            module = self.model.get_submodule(owner)
+            old = module._parameters[name]
+            out = torch.empty(tuple(old.shape), dtype=self.dtype)
+            params.append((module, name, nn.Parameter(out, requires_grad=old.requires_grad)))
+            row = 0
+            for keys in parts:
+                rows = self._layout(keys[0])[1][0]
+                for j, key in enumerate(keys):
+                    jobs.append((key, out[j] if kind == "stack" else out[j, row:row + rows]))
+                row += rows
         fds = {}
         try:
-            for key, _ in jobs:
-                if self.files[key] not in fds:
-                    fds[self.files[key]] = os.open(self.files[key], os.O_RDONLY)
+            for path in {self.files[key] for key, _ in jobs}:
+                fds[path] = os.open(path, os.O_RDONLY)
 
             def read(job):
                 key, dst = job
@@ -455,12 +462,13 @@ class LayerStream:
                     dst.copy_(buf)
 
             # preadv releases the GIL: the experts' tensors are read in parallel
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as pool:
                 list(pool.map(read, jobs))
         finally:
             for fd in fds.values():
                 os.close(fd)
-        module._parameters[name] = nn.Parameter(out, requires_grad=old.requires_grad)
+        for module, name, param in params:
+            module._parameters[name] = param
 
     def _check_loaded(self, unit: int) -> None:
         state = (self.model.state_dict() if unit == REST else
