@@ -45,7 +45,7 @@ from cli import UsageError, check_output_file, fail, one_line, resolve_device  #
 from model import DynamicSkipping, load_model  # noqa: E402
 from model.loading import DTYPES, CheckpointError, check_checkpoint  # noqa: E402
 from model.static_decode import StaticDecoder  # noqa: E402
-from model.compile_parts import PARTS  # noqa: E402
+from model.compile_parts import parse_parts  # noqa: E402
 from model.adapters import MoEError, find_moe_blocks  # noqa: E402
 from model.dynamic_skipping import BetasError, check_betas  # noqa: E402
 
@@ -176,10 +176,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--engine {args.engine} decodes greedily: drop --do_sample / --num_beams or use --engine hf")
     if args.engine != "hf" and args.device == "auto":
         raise UsageError(f"--engine {args.engine} runs the model on one device: use --device cuda or cuda:N")
-    args.compile_parts = parts = tuple(p for p in args.compile.split(",") if p)  # parsed once, used by make_decoder
-    bad = [p for p in parts if p not in PARTS]
-    if bad:
-        raise UsageError(f"--compile {args.compile}: unknown part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
+    try:
+        args.compile_parts = parts = parse_parts(args.compile)  # parsed once, used by make_decoder
+    except ValueError as e:
+        raise UsageError(f"--compile {args.compile}: {e}") from None
     if parts and args.engine == "hf":
         raise UsageError("--compile applies to the static decode step: add --engine graph (GPU) or --engine static")
     check_output_file(args.output, "--output")  # before the model loads, not after the measurements

@@ -35,6 +35,15 @@ from .adapters import decoder_layers, find_moe_blocks
 PARTS = ("norm", "router", "attention")
 
 
+def parse_parts(text: str) -> tuple[str, ...]:
+    """A --compile value, "norm,router,attention", as a tuple of parts; ValueError naming any unknown part."""
+    parts = tuple(p for p in text.split(",") if p)
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"unknown part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
+    return parts
+
+
 def _modules(model: nn.Module, part: str) -> list[nn.Module]:
     if part == "norm":
         return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]

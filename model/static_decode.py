@@ -130,9 +130,9 @@ def greedy_agreement(out: torch.Tensor, ref: torch.Tensor, scores, margin: float
     Two implementations that differ only in float rounding may pick different tokens where the reference's top
     logits are within `margin + rel_margin * |top logit|` (a near-tie: either token is a correct greedy choice;
     the relative part follows the float format's spacing, e.g. 2 ** -6 = two bfloat16 steps) and part from there,
-    so each sequence is compared up to the reference's first near-tie. Returns, per sequence: `steps_before_tie` (n if
-    none), `equal_before_tie` (the tokens agree on those steps) and `tie_token_ok` (at the tie step `out` holds one
-    of the tied tokens; None without a tie)."""
+    so each sequence is compared up to the reference's first near-tie. Returns, per sequence: `steps_before_tie`
+    (n if none), `equal_before_tie` (the tokens agree on those steps) and `tie_token_ok` (at the tie step `out`
+    holds one of the tied tokens; None without a tie)."""
     logits = torch.stack([s.float() for s in scores], dim=1)  # (batch, n, vocab)
     top2 = logits.topk(2, dim=-1).values  # (batch, n, 2)
     slack = margin + rel_margin * top2[..., 0].abs()  # (batch, n)
@@ -149,3 +149,22 @@ def greedy_agreement(out: torch.Tensor, ref: torch.Tensor, scores, margin: float
         else:
             result["tie_token_ok"].append(None)
     return result
+
+
+# The margin below which a greedy step counts as a tie (greedy_agreement's `margin`, `rel_margin`): two
+# implementations of the same model that differ only in shapes (a static KV cache padded to its length against a
+# growing one, a traced graph against eager modules) give logits that differ by float rounding, so where the
+# reference's top two logits are that close either token is a correct greedy choice and the sequences may part.
+# float32: rounding differences are ~1e-5 at the demo model's logit magnitude (<= 20), 1e-3 absolute leaves 100x
+# room; bfloat16: its spacing is 2^-8..2^-7 of a value's magnitude (0.125 at 16-32), 2^-6 of the top logit is two
+# of those steps. (The demo model has real near-ties: a top-two gap of 1e-4 in float32, exact ties in bfloat16.)
+GREEDY_TIE_MARGIN = {torch.float32: (1e-3, 0.0), torch.bfloat16: (0.0, 2.0 ** -6)}
+
+
+def greedy_reference(model, ids, mask, n):
+    """transformers' `generate`, greedy, exactly n new tokens (EOS banned): (tokens (batch, n), per-step scores)."""
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        r = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, min_new_tokens=n, max_new_tokens=n,
+                           eos_token_id=eos, pad_token_id=eos, return_dict_in_generate=True, output_scores=True)
+    return r.sequences[:, ids.shape[1]:], r.scores

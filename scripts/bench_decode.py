@@ -37,6 +37,7 @@ from eval.benchmark_speed import (build_random_model, random_init_config, random
 from method.skip_calibration import weight_ratios  # noqa: E402
 from model import DynamicSkipping  # noqa: E402
 from model.adapters import find_moe_blocks  # noqa: E402
+from model.compile_parts import parse_parts  # noqa: E402
 from model.dynamic_skipping import register_skipping_implementation  # noqa: E402
 from model.static_decode import StaticDecoder  # noqa: E402
 
@@ -313,7 +314,10 @@ def main() -> int:
                         "measured without them")
     args = p.parse_args()
     global COMPILE, SAVE
-    COMPILE = tuple(x for x in args.compile.split(",") if x)
+    try:
+        COMPILE = parse_parts(args.compile)
+    except ValueError as e:
+        p.error(f"--compile {args.compile}: {e}")
     rows, extra = [], {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "command": " ".join(sys.argv), "compile": args.compile}
     t0 = time.time()

@@ -1,8 +1,8 @@
 """Time reading decoder layers from a checkpoint: the direct expert read against transformers' loader, side by side.
 
 For each decoder layer of --model_path (a safetensors checkpoint, e.g. the one scripts/bench_streaming.py writes
-into output/bench_streaming/model), `LayerStream.load` is timed --repeats times with
-`model.streaming.FAST_EXPERT_READ` on and off, alternating (so both see the same page cache), with the process's
+into output/bench_streaming/model), `LayerStream._load` (the read alone, without `load`'s checks) is timed
+--repeats times with `model.streaming.FAST_EXPERT_READ` on and off, alternating (so both see the same page cache), with the process's
 minor page faults per load. The layer is freed after each load. Prints a table; --output writes the JSON.
 
     python scripts/bench_layer_read.py --model_path output/bench_streaming/model --output read.json
@@ -18,23 +18,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model.streaming as streaming  # noqa: E402
+from model.loading import DTYPES  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=[k for k in DTYPES if k != "auto"])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--output", default=None)
     args = p.parse_args()
     config = AutoConfig.from_pretrained(args.model_path)
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
     runs = {"direct": [], "library": []}
     for _ in range(args.repeats):
         for name, fast in (("direct", True), ("library", False)):
@@ -46,7 +45,7 @@ def main() -> int:
                 stream._load(idx)
                 seconds = time.perf_counter() - t
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-                nbytes = sum(v.numel() * v.element_size() for v in layer.state_dict().values())
+                nbytes = stream.layer_bytes[idx]
                 runs[name].append({"layer": idx, "seconds": seconds, "bytes": nbytes, "minor_faults": faults})
                 layer.to("meta")  # free it
                 streaming._release_freed_memory()

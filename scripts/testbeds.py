@@ -304,6 +304,7 @@ def merge_parts(parts: dict[str, dict], status: dict[str, dict]) -> dict:
 def dense_perplexity(args, testbed: str, data_dir: Path) -> dict:
     """The dense twin's perplexities on the comparison's held-out tokens (its tokenizer is the testbed's: checked
     token for token), with eval/perplexity.py's evaluator, in the comparison's dtype."""
+    import torch
     from data import read_texts
     from eval.perplexity import perplexity, token_blocks
     from model import load_model
@@ -329,16 +330,10 @@ def dense_perplexity(args, testbed: str, data_dir: Path) -> dict:
                                                     "tokens_seen": t["tokens_seen"], "command": t["command"]}
     for k, t in texts.items():
         blocks = token_blocks(t, tokenizer, s["eval_block_size"])
-        if not torch_equal(blocks, token_blocks(t, moe_tokenizer, s["eval_block_size"])):
+        if not torch.equal(blocks, token_blocks(t, moe_tokenizer, s["eval_block_size"])):  # shapes too
             raise ValueError(f"{path} and {testbed} tokenize the {k} texts differently")
         out[k] = perplexity(model, blocks, s["eval_batch_size"])
     return out
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def dense_markdown(merged: dict) -> str:

@@ -92,23 +92,7 @@ def tiny_mixtral(tmp_path, tokenizer_dir) -> Path:
 
 
 # ---- greedy decoding compared between two implementations -----------------------------------------------------
-# The margin below which a greedy step counts as a tie: two implementations of the same model that differ only in
-# shapes (a static KV cache padded to its length against a growing one, a traced graph against eager modules) give
-# logits that differ by float rounding, so where the reference's top two logits are that close either token is a
-# correct greedy choice and the sequences may part from there. (absolute, relative to the top logit):
-# float32: rounding differences are ~1e-5 at the demo model's logit magnitude (<= 20), 1e-3 leaves 100x room;
-# bfloat16: its spacing is 2^-8..2^-7 of a value's magnitude (0.125 at 16-32), 2^-6 is two of those steps. (The
-# demo model has real near-ties: a top-two gap of 1e-4 in float32, exact ties in bfloat16 on the tests' prompts.)
-GREEDY_TIE_MARGIN = {torch.float32: (1e-3, 0.0), torch.bfloat16: (0.0, 2.0 ** -6)}
-
-
-def greedy_reference(model, ids, mask, n):
-    """transformers' `generate`, greedy, exactly n new tokens (EOS banned): (tokens (batch, n), per-step scores)."""
-    eos = model.generation_config.eos_token_id
-    with torch.no_grad():
-        r = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, min_new_tokens=n, max_new_tokens=n,
-                           eos_token_id=eos, pad_token_id=eos, return_dict_in_generate=True, output_scores=True)
-    return r.sequences[:, ids.shape[1]:], r.scores
+from model.static_decode import GREEDY_TIE_MARGIN, greedy_agreement, greedy_reference  # noqa: E402,F401
 
 
 def assert_same_greedy_tokens(out, ref, scores, margin, min_compared):
@@ -117,8 +101,6 @@ def assert_same_greedy_tokens(out, ref, scores, margin, min_compared):
     tied tokens (after it the sequences may legitimately part). At least `min_compared` steps in all must come
     before a tie, so the check keeps its teeth.
     (model.static_decode.greedy_agreement, which scripts/gpu_decode_check.py reports on the GPU.)"""
-    from model.static_decode import greedy_agreement
-
     a = greedy_agreement(out, ref, scores, *margin)
     for b, (k, equal, tie_ok) in enumerate(zip(a["steps_before_tie"], a["equal_before_tie"], a["tie_token_ok"])):
         assert equal, (b, k, out[b], ref[b])

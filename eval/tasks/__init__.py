@@ -23,36 +23,35 @@ PLACEHOLDER = "${" + DATA_ENV + "}"
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "eval"
 
 
-def local_tasks(tasks_dir: Path | None = None) -> dict[str, list[str]]:
+def local_tasks() -> dict[str, list[str]]:
     """Local task name (the YAML's file name) -> the data files it reads, relative to the data folder."""
     pattern = re.compile(re.escape(PLACEHOLDER) + r"/([^\"']+)")
-    return {p.stem: pattern.findall(p.read_text()) for p in sorted((tasks_dir or TASKS_DIR).glob("*.yaml"))}
+    return {p.stem: pattern.findall(p.read_text()) for p in sorted(TASKS_DIR.glob("*.yaml"))}
 
 
-def resolve_data_dir(flag: str | None, flag_name: str = "--data_dir") -> Path:
+def resolve_data_dir(flag: str | None) -> Path:
     """The data folder: the flag, else $MOE_EVAL_DATA, else ../shared/data/eval if it exists."""
     if flag:
-        source, path = flag_name, Path(flag).expanduser()
+        source, path = "--data_dir", Path(flag).expanduser()
     elif os.environ.get(DATA_ENV):
         source, path = DATA_ENV, Path(os.environ[DATA_ENV]).expanduser()
     elif DEFAULT_DATA_DIR.is_dir():
         return DEFAULT_DATA_DIR
     else:
-        raise UsageError(f"local tasks need a data folder: pass {flag_name} DIR or set {DATA_ENV} "
+        raise UsageError(f"local tasks need a data folder: pass --data_dir DIR or set {DATA_ENV} "
                          f"(the default {DEFAULT_DATA_DIR} does not exist)")
     if not path.is_dir():
-        raise UsageError(f"data folder {path} (from {source}) does not exist: pass {flag_name} DIR or set {DATA_ENV}")
+        raise UsageError(f"data folder {path} (from {source}) does not exist: pass --data_dir DIR or set {DATA_ENV}")
     return path.resolve()
 
 
-def check_data_files(data_dir: Path, tasks: list[str], local: dict[str, list[str]],
-                     flag_name: str = "--data_dir") -> None:
+def check_data_files(data_dir: Path, tasks: list[str], local: dict[str, list[str]]) -> None:
     for task in tasks:
         for name in local[task]:
             if not (data_dir / name).is_file():
                 hint = (f" ({data_dir / 'eval' / name} exists: the data folder is {data_dir / 'eval'})"
                         if (data_dir / "eval" / name).is_file() else "")
-                raise UsageError(f"task {task} needs {data_dir / name}, which is missing{hint}: pass {flag_name} DIR "
+                raise UsageError(f"task {task} needs {data_dir / name}, which is missing{hint}: pass --data_dir DIR "
                                  f"or set {DATA_ENV} to the folder that holds {name}")
 
 
@@ -79,15 +78,13 @@ def check_task_files(folders: list[Path]) -> None:
                 raise UsageError(f"task file {path} does not parse ({e}): fix or remove it") from None
 
 
-def write_resolved_tasks(data_dir: Path, dest: Path, tasks: list[str] | None = None,
-                         tasks_dir: Path | None = None) -> list[Path]:
+def write_resolved_tasks(data_dir: Path, dest: Path, tasks: list[str] | None = None) -> list[Path]:
     """Write the task YAMLs (all, or the named ones) into dest with the data folder filled in for the
     placeholder, plus the helper modules their `!function` tags load from next to them. Returns the YAMLs."""
-    tasks_dir = tasks_dir or TASKS_DIR
     value = json.dumps(str(data_dir))[1:-1]  # the placeholder sits in double-quoted YAML strings: JSON's escapes
     dest.mkdir(parents=True, exist_ok=True)
     written = []
-    for src in sorted(tasks_dir.iterdir()):
+    for src in sorted(TASKS_DIR.iterdir()):
         if src.suffix == ".yaml" and (tasks is None or src.stem in tasks):
             written.append(dest / src.name)
             written[-1].write_text(src.read_text().replace(PLACEHOLDER, value))
