@@ -25,7 +25,7 @@ The experts are not compiled: they already are single Triton kernels (model/kern
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -55,10 +55,11 @@ def _modules(model: nn.Module, part: str) -> list[nn.Module]:
 
 
 @contextmanager
-def compiled_parts(model: nn.Module, parts: Iterable[str], backend: str = "inductor") -> Iterator[int]:
+def compiled_parts(model: nn.Module, parts: Iterable[str], backend: str | Callable = "inductor") -> Iterator[int]:
     """Compile the `parts` of `model` in place for the context's duration; yields how many modules.
 
-    `backend` is torch.compile's (the CPU tests use "aot_eager": dynamo's tracing without code generation).
+    `backend` is torch.compile's, a name or a callable (the CPU tests use "aot_eager": dynamo's tracing without
+    code generation, wrapped in a frame counter).
     """
     parts = list(parts)
     if not parts:

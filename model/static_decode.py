@@ -29,7 +29,7 @@ from .compile_parts import compiled_parts
 class StaticDecoder:
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, graph: bool = True,
                  banned_token_ids: tuple[int, ...] = (), compile_parts: tuple[str, ...] = (),
-                 compile_backend: str = "inductor"):
+                 compile_backend: str | Callable = "inductor"):
         self.model = model
         self.device = next(model.parameters()).device
         if graph and self.device.type != "cuda":

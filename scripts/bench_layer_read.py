@@ -2,8 +2,8 @@
 
 For each decoder layer of --model_path (a safetensors checkpoint, e.g. the one scripts/bench_streaming.py writes
 into output/bench_streaming/model), `LayerStream._load` (the read alone, without `load`'s checks) is timed
---repeats times with `model.streaming.FAST_EXPERT_READ` on and off, alternating (so both see the same page cache), with the process's
-minor page faults per load. The layer is freed after each load. Prints a table; --output writes the JSON.
+--repeats times with `model.streaming.FAST_EXPERT_READ` on and off, alternating (so both see the same page
+cache), with the process's minor page faults per load. The layer is freed after each load. Prints a table; --output writes the JSON.
 
     python scripts/bench_layer_read.py --model_path output/bench_streaming/model --output read.json
 """

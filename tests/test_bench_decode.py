@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import MixtralForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from bench_decode import calibrate_betas  # noqa: E402
+from conftest import load_script, tiny_mixtral_config
+
+calibrate_betas = load_script("bench_decode").calibrate_betas
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -19,10 +17,7 @@ def test_calibrate_betas_is_the_median_ratio(dtype):
     """Betas = per layer, the median over tokens of w2/w1 of the softmax top-2 routing, computed here by hand
     from each layer's MoE input (captured with a hook) and the router weight."""
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                           num_experts_per_tok=2)
-    model = MixtralForCausalLM(config).to(dtype).eval()
+    model = MixtralForCausalLM(tiny_mixtral_config(vocab_size=64)).to(dtype).eval()
     batch = torch.randint(64, (3, 11))
     inputs, handles = {}, []
     for i, layer in enumerate(model.model.layers):

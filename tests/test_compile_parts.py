@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import AutoModelForCausalLM
 
 from model import DynamicSkipping
@@ -51,9 +52,11 @@ def test_compiled_decode_step_equals_generate(demo, parts, skipping):
         if skip:
             skip.reset_stats()
         eos = demo.generation_config.eos_token_id
+        backend = CompileCounterWithBackend("aot_eager")  # counts the frames dynamo compiles
         dec = StaticDecoder(demo, 2, 20, graph=False, banned_token_ids=(eos,), compile_parts=parts,
-                            compile_backend="aot_eager")
+                            compile_backend=backend)
         out, _ = dec.generate(ids, mask, 10)
+        assert backend.frame_count > 0  # the parts ran compiled, not eagerly
         # up to the reference's first near-tie (conftest.GREEDY_TIE_MARGIN; measured: none in these 20 steps)
         assert_same_greedy_tokens(out, ref, scores, GREEDY_TIE_MARGIN[torch.float32], min_compared=10)
         if skip:

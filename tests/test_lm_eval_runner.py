@@ -222,8 +222,9 @@ def test_runner_shorthand_and_skipping_off(skipping_ckpt, skipping_reference, ar
 
 
 def test_data_parallel_equals_one_process(skipping_ckpt, skipping_reference, arc_dir, tmp_path):
-    """Two processes (lm-eval's data parallelism, on the CPU through gloo): each evaluates half the documents,
-    lm-eval pads the shorter one with copies of its last request, and the skip counters of both are gathered.
+    """Two processes (lm-eval's data parallelism, on the CPU through gloo): each evaluates half the documents
+    (here 20 requests each: lm-eval pads a shorter share with copies of its last request, uncounted), and the skip
+    counters of both are gathered.
     The accuracies, log-likelihoods and counts are still those of the model computed here in one process."""
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_DATASETS_OFFLINE": "1"}

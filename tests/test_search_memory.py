@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import main
-from main import RunConfig
 from method import METHODS
 from method.pruning import scored_forward
 from method.search import BeamSearch, ExhaustiveScorer, rank_bound_mask, stats_bytes_per_token
@@ -19,15 +18,10 @@ from model.profiling import Profile
 
 from families import FAMILIES
 from test_cli import common
-from test_families import build, loader
+from test_beam_search import run
+from test_families import build, loader, run_cfg
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def _run(model, calib, r, search="beam", **kw):
-    cfg = RunConfig(method="layerwise_pruning", calib_set="c4", model_path="x", r=r, device="cpu",
-                    dtype=str(model.dtype).removeprefix("torch."), search=search, **kw)
-    return METHODS["layerwise_pruning"](model, calib, cfg)[1]["layers"]
 
 
 def _without_memory(layers: dict) -> dict:
@@ -45,12 +39,12 @@ def test_statistics_budget_changes_nothing(family, kw, r, dtype, ties):
     batches take the same path as on a GPU (kept apart, copied back for every scoring pass), without pinning."""
     model = build(family, dtype=dtype, ties=ties, **kw)
     calib = loader(n_blocks=6, seq=24, batch=2)  # 3 batches
-    everything = _run(copy.deepcopy(model), calib, r)
+    everything = run(copy.deepcopy(model), calib, "beam", r)
     memory = next(iter(everything.values()))["statistics_memory"]
     assert memory["batches"] == 3 and memory["batches_on_host"] == 0 and memory["budget_bytes"] is None
     per_batch = memory["bytes"] / 3
-    one = _run(copy.deepcopy(model), calib, r, stats_budget_gib=1.5 * per_batch / 2**30)
-    none = _run(copy.deepcopy(model), calib, r, stats_budget_gib=0)
+    one = run(copy.deepcopy(model), calib, "beam", r, stats_budget_gib=1.5 * per_batch / 2**30)
+    none = run(copy.deepcopy(model), calib, "beam", r, stats_budget_gib=0)
     assert _without_memory(one) == _without_memory(everything) == _without_memory(none)
     for info in one.values():
         m = info["statistics_memory"]
@@ -89,8 +83,6 @@ def test_deepseek_v3_statistics_fit_one_gpu():
     per_token = stats_bytes_per_token(256, 192, 8, torch.bfloat16, torch.float32)
     assert per_token == 192 * 193 // 2 * 4 + 8 * 192 + 8 + 2 * 256 + 4 * 256 + 8 * 6 == 77240
     assert round(per_token * 128 * 2048 / 1e9, 1) == 20.2
-    before = 192 * 192 * 8 + 8 * 192 + 8 + 8 * 256 + 4 * 256 + 8 * (8 + 4)  # the layout this replaced
-    assert round(before * 128 * 2048 / 1e9, 1) == 78.5
     # Qwen3-235B-A22B (128 experts, top-8, bf16 router logits and weights) at r = 64: 72 slots
     assert stats_bytes_per_token(128, 72, 8, torch.bfloat16, torch.bfloat16, weights_dtype=torch.bfloat16) == 11640
 
@@ -163,7 +155,7 @@ def test_the_routed_experts_run_only_in_the_scorer(method, monkeypatch):
     original = experts_cls.forward
     monkeypatch.setattr(experts_cls, "forward", lambda self, h, idx, w: calls.append(idx.shape[-1]) or original(self, h, idx, w))
     calib = loader(n_blocks=4, seq=16, batch=2)  # 2 batches
-    cfg = RunConfig(method=method, calib_set="c4", model_path="x", r=6, device="cpu", dtype="float32")
+    cfg = run_cfg(method, 6)
     METHODS[method](model, calib, cfg)
     block_calls = calls.count(2)
     # progressive: layers 1 and 2 run the original states through the library (2 x 2 batches); the pruned layers

@@ -29,7 +29,7 @@ from model.runner import KILL_AFTER_LAYER_ENV, LayerRunner
 from model.streaming import LayerStream, NotStreamable
 
 from conftest import DEMO, REPO, save_model, tiny_mixtral_config
-from families import family_config
+from families import FAMILIES, family_config
 
 TIMING = ("wall_time_s", "timing", "peak_host_rss_gib", "peak_gpu_allocated_gib", "resumed_layers")
 
@@ -274,8 +274,7 @@ def test_a_layer_changed_after_the_walk_is_not_written_stale(tmp_path, c4_path, 
             next(runner.iter_layers("again"))
 
 
-@pytest.mark.parametrize("family", ["demo", "mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "qwen3_moe", "olmoe",
-                                    "deepseek_v2", "glm4_moe", "phimoe"])
+@pytest.mark.parametrize("family", ["demo", *FAMILIES])
 def test_direct_expert_read_equals_the_library_loader(family, tmp_path, tokenizer_dir, monkeypatch):
     """The fast path (per-expert tensors read straight into their slices of the fused tensor) loads exactly what
     transformers' own stack + concatenate gives, in the checkpoint's dtype and cast to another; families whose
