@@ -1,7 +1,7 @@
 """model/compile_parts.py: torch.compile'd norms, routers and attention in the static decode step.
 
 The reference is transformers' own `generate` on the trained demo model: compiling modules must not change
-a greedy token before the reference's first near-tie (conftest.GREEDY_TIE_MARGIN), nor the skip counters.
+a greedy token before the reference's first near-tie (model.static_decode.GREEDY_TIE_MARGIN), nor the skip counters.
 The CPU tests use the "aot_eager" backend (dynamo's tracing and the functionalised graph, without inductor's
 code generation, which the GPU check scripts/gpu_decode_check.py runs on the H200). In bfloat16 the traced
 graph rounds differently from the eager modules, and greedy paths part at the reference's near-ties: there the
@@ -57,7 +57,7 @@ def test_compiled_decode_step_equals_generate(demo, parts, skipping):
                             compile_backend=backend)
         out, _ = dec.generate(ids, mask, 10)
         assert backend.frame_count > 0  # the parts ran compiled, not eagerly
-        # up to the reference's first near-tie (conftest.GREEDY_TIE_MARGIN; measured: none in these 20 steps)
+        # up to the reference's first near-tie (model.static_decode.GREEDY_TIE_MARGIN; measured: none in these 20 steps)
         assert_same_greedy_tokens(out, ref, scores, GREEDY_TIE_MARGIN[torch.float32], min_compared=10)
         if skip:
             stats = skip.stats()

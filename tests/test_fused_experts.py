@@ -164,7 +164,7 @@ def test_skip_kernel_matches_torch_rule(interpret, k, renorm):
 def test_static_decoder_equals_generate(dtype, skipping):
     """The benchmark's graph engine minus the graph: the same greedy tokens as generate on the trained demo
     model, left padding included, skipping on and off, up to each sequence's first near-tie of the reference
-    (conftest.GREEDY_TIE_MARGIN: the demo model has exact ties in bfloat16, where either token is right)."""
+    (model.static_decode.GREEDY_TIE_MARGIN: the demo model has exact ties in bfloat16, where either token is right)."""
     from model import DynamicSkipping
     from model.static_decode import StaticDecoder
     from conftest import GREEDY_TIE_MARGIN, assert_same_greedy_tokens, greedy_reference
